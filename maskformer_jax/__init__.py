@@ -1,0 +1,1 @@
+"""MaskFormer in JAX/Flax."""
