@@ -1,0 +1,44 @@
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).parent.parent
+spec = importlib.util.spec_from_file_location("sweep", ROOT / "launch" / "sweep.py")
+sweep = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sweep)
+CONFIG = str(ROOT / "configs" / "ade20k_r50.py")
+
+
+def test_grid_expands_to_every_combination_with_distinct_workdirs():
+  cmds = sweep.commands(CONFIG, "gs://b/sweep/", ["a:z1", "b:z2"],
+                        ["optim.base_lr=1e-4,6e-5", "optim.weight_decay=1e-4,0.01"])
+  assert len(cmds) == 4
+  assert [c[2] for c in cmds] == ["a", "b", "a", "b"]  # round-robin over the TPUs
+  workdirs = [c[5] for c in cmds]
+  assert len(set(workdirs)) == 4 and all(w.startswith("gs://b/sweep/") for w in workdirs)
+  assert cmds[1][6:] == ["--config.optim.base_lr=0.0001", "--config.optim.weight_decay=0.01"]
+
+
+def test_unknown_key_or_wrong_type_fails_before_launch():
+  with pytest.raises(KeyError, match="optim.base_lrr"):
+    sweep.commands(CONFIG, "/tmp/w", ["a:z"], ["optim.base_lrr=1e-4"])
+  with pytest.raises(KeyError, match="optimizer"):
+    sweep.commands(CONFIG, "/tmp/w", ["a:z"], ["optimizer.base_lr=1e-4"])
+  with pytest.raises(TypeError, match="batch_size"):
+    sweep.commands(CONFIG, "/tmp/w", ["a:z"], ["batch_size=big"])
+  with pytest.raises(ValueError, match="KEY=V1"):
+    sweep.expand(["optim.base_lr"])
+
+
+def test_cli_prints_commands_without_launching():
+  out = subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), "--config", CONFIG, "--workdir-root", "/tmp/w",
+                        "--tpu", "t:z", "--grid", "total_steps=10,20"], capture_output=True, text=True, check=True)
+  lines = out.stdout.strip().splitlines()
+  assert len(lines) == 2 and "--config.total_steps=20" in lines[1] and "tpu_vm.sh train t z" in lines[1]
+
+
+def test_tpu_vm_script_is_valid_bash():
+  subprocess.run(["bash", "-n", str(ROOT / "launch" / "tpu_vm.sh")], check=True)
