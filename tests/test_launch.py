@@ -42,3 +42,18 @@ def test_cli_prints_commands_without_launching():
 
 def test_tpu_vm_script_is_valid_bash():
   subprocess.run(["bash", "-n", str(ROOT / "launch" / "tpu_vm.sh")], check=True)
+
+
+def test_notebook_cells_are_valid_python_and_name_real_configs():
+  import ast
+  import json
+  nb = json.loads((ROOT / "notebooks" / "colab_tpu.ipynb").read_text())
+  for cell in nb["cells"]:
+    if cell["cell_type"] != "code":
+      continue
+    src = "".join(cell["source"])
+    python = "\n".join(l for l in src.splitlines() if not l.lstrip().startswith(("!", "%", "    --")))
+    ast.parse(python)  # shell/magic lines aside, the cell is Python
+    for word in src.split():
+      if word.startswith("configs/"):
+        assert (ROOT / word).exists() or word == "configs/demo.py", word
