@@ -52,7 +52,7 @@ def test_notebook_cells_are_valid_python_and_name_real_configs():
     if cell["cell_type"] != "code":
       continue
     src = "".join(cell["source"])
-    python = "\n".join(l for l in src.splitlines() if not l.lstrip().startswith(("!", "%", "    --")))
+    python = "\n".join(l for l in src.splitlines() if not l.lstrip().startswith(("!", "%", "--")))
     ast.parse(python)  # shell/magic lines aside, the cell is Python
     for word in src.split():
       if word.startswith("configs/"):
