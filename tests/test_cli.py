@@ -1,0 +1,132 @@
+"""Command-line plumbing and configuration errors: they must fail before compilation, saying what to do."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from maskformer_jax import metrics
+from maskformer_jax import train
+
+ROOT = pathlib.Path(__file__).parent.parent
+TINY = ROOT / "configs" / "tiny.py"
+
+
+def tiny():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("tiny", TINY)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_valid_config_passes():
+  c = tiny()
+  assert train.validate_config(c, num_devices=2, num_processes=1) == (2, 1)
+  c.mesh.model = 2
+  assert train.validate_config(c, num_devices=4, num_processes=2) == (2, 2)
+
+
+@pytest.mark.parametrize("change, devices, processes, expected", [
+    ({"batch_size": 6}, 4, 1, "--config.batch_size=8"),
+    ({"batch_size": 4}, 8, 1, "not divisible by the 8 devices"),
+    ({"batch_size": 6}, 2, 4, "not divisible by the 4 processes"),
+    ({("mesh", "model"): 3}, 8, 1, "config.mesh.model=3 does not divide the 8 devices"),
+    ({("mesh", "data"): 3}, 8, 1, "--config.mesh.data=-1"),
+    ({("eval", "batch_size"): 3}, 2, 1, "config.eval.batch_size=3"),
+    ({("data", "image_size"): (100, 64)}, 1, 1, "multiples of 32"),
+    ({("optim", "schedule"): "cosine"}, 1, 1, "config.optim.schedule='cosine' is not one of"),
+    ({("eval", "task"): "panoptc"}, 1, 1, "config.eval.task='panoptc'"),
+    ({"grad_accum_steps": 3}, 1, 1, "grad_accum_steps=3"),
+    ({("init", "checkpoint"): "/nonexistent/ckpt"}, 1, 1, "does not exist"),
+])
+def test_config_errors_say_what_to_change(change, devices, processes, expected):
+  c = tiny()
+  for key, value in change.items():
+    if isinstance(key, tuple):
+      c[key[0]][key[1]] = value
+    else:
+      c[key] = value
+  with pytest.raises(ValueError, match="Configuration errors") as e:
+    train.validate_config(c, num_devices=devices, num_processes=processes)
+  assert expected in str(e.value)
+
+
+def test_all_errors_reported_at_once():
+  c = tiny()
+  c.batch_size = 3
+  c.optim.schedule = "linear"
+  with pytest.raises(ValueError) as e:
+    train.validate_config(c, num_devices=2, num_processes=1)
+  assert "schedule" in str(e.value) and "batch_size=3" in str(e.value)
+
+
+def test_class_count_must_match_dataset():
+  c = tiny()
+  cats = [{"id": i, "isthing": 1, "contiguous_id": i} for i in range(4)]
+  with pytest.raises(ValueError, match="--config.model.num_classes=4"):
+    train.check_categories(c, cats)
+  c.model.num_classes = 4
+  train.check_categories(c, cats)
+
+
+def _run(module, *args, env=None, timeout=120):
+  e = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", **(env or {}))
+  return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                        timeout=timeout, cwd=ROOT, env=e)
+
+
+def test_cli_unknown_override_key_fails(tmp_path):
+  r = _run("maskformer_jax.train", f"--config={TINY}", f"--workdir={tmp_path}", "--config.optim.base_lrr=1")
+  assert r.returncode != 0
+  assert "base_lrr" in r.stderr
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_cli_batch_not_divisible_fails_before_compiling(tmp_path):
+  r = _run("maskformer_jax.train", f"--config={TINY}", f"--workdir={tmp_path}", "--config.batch_size=3")
+  assert r.returncode != 0
+  assert "config.batch_size=3" in r.stderr and "not divisible by the 2 devices" in r.stderr
+  assert "Compiling" not in r.stderr and not (tmp_path / "checkpoints").exists()
+
+
+def test_cli_requires_workdir():
+  r = _run("maskformer_jax.train", f"--config={TINY}")
+  assert r.returncode != 0 and "workdir" in r.stderr
+
+
+def test_metric_writer_rows_and_resume(tmp_path):
+  w = metrics.MetricWriter(str(tmp_path), enabled=True)
+  for step in (1, 2, 3):
+    w.write(step, {"loss": 1.0 / step, "learning_rate": 1e-4}, prefix="train")
+  w.write(3, {"pq": 12.5, "sq": 70.0, "rq": 17.0}, prefix="eval")
+  w.close()
+  rows = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+  assert [r["step"] for r in rows] == [1, 2, 3, 3]
+  assert rows[-1]["pq"] == 12.5 and rows[0]["loss"] == 1.0
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  # A run resumed from step 1 forgets the rows of the steps it re-does; a torn last line is dropped.
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 4, "lo')
+  metrics.MetricWriter(str(tmp_path), enabled=True, resume_step=1).close()
+  assert [r["step"] for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")] == [1]
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+  w = metrics.MetricWriter(str(tmp_path), enabled=False)
+  w.write(1, {"loss": 1.0})
+  w.close()
+  assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_progress_eta():
+  p = metrics.Progress(total_steps=100, batch_size=8, start_step=0)
+  p.update(10)
+  p.first_time -= 10.0  # pretend 10 s passed for the next 10 steps
+  r = p.update(20)
+  assert r["eta_s"] == pytest.approx(80.0, rel=0.05)
+  line = p.line(20, 1.5, r)
+  assert "step 20/100" in line and "ETA 1m2" in line
+  assert metrics.format_eta(3725) == "1h02m05s"
