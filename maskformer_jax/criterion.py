@@ -1,0 +1,164 @@
+"""The MaskFormer set criterion (SPEC.md section 2), on static shapes inside the jitted step.
+
+Per decoder layer: matching costs -> exact assignment (no gradient) -> cross-entropy over all queries
+(no-object weight `eos_coef`) + sigmoid focal and dice on the matched (query, target) pairs. Deep
+supervision re-matches every auxiliary layer and weights it like the main one (the original's
+`aux_weight_dict`). Targets stay compact: `segments` [B, H, W] and the binary masks are built on device
+only where needed.
+
+Normalisation is global, so the loss does not depend on how the batch is split over devices, hosts or
+micro-batches: focal/dice sums are divided by `num_masks`, the number of valid targets in the global
+batch (>= 1); the original divides by the per-worker average of that count and then DDP averages the
+gradients over the workers, which is the same thing. The CE is torch's weighted mean
+sum(w * nll) / sum(w) taken over the global batch (the original takes it per worker and averages over
+the workers; identical on one worker, and identical in expectation otherwise).
+"""
+import jax
+import jax.numpy as jnp
+
+from maskformer_jax import matcher as matcher_lib
+from maskformer_jax import points as points_lib
+
+sg = jax.lax.stop_gradient
+
+
+def num_masks(batch):
+  """The global number of target masks, at least 1 (a float32 scalar)."""
+  return jnp.maximum(jnp.sum(batch["valid"].astype(jnp.float32)), 1.0)
+
+
+def class_weight_sum(batch, num_queries, eos_coef):
+  """sum(w) of the CE over the global batch, known before matching: the assignment matches
+  min(#targets, Q) queries per image (weight 1), the others are no-object (weight eos_coef)."""
+  n = jnp.minimum(jnp.sum(batch["valid"], axis=1).astype(jnp.float32), num_queries)
+  return jnp.sum(n + (num_queries - n) * eos_coef)
+
+
+def sigmoid_focal(logits, targets, alpha=0.25, gamma=2.0):
+  """Elementwise sigmoid focal loss (RetinaNet), as the original/HF `sigmoid_focal_loss`."""
+  p = jax.nn.sigmoid(logits)
+  ce = jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+  p_t = p * targets + (1 - p) * (1 - targets)
+  loss = ce * (1 - p_t) ** gamma
+  if alpha >= 0:
+    loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+  return loss
+
+
+def dice(logits, targets):
+  """Per-mask dice loss 1 - (2 sum(p t) + 1) / (sum(p) + sum(t) + 1) over the last axis."""
+  p = jax.nn.sigmoid(logits)
+  return 1 - (2 * jnp.sum(p * targets, -1) + 1) / (jnp.sum(p, -1) + jnp.sum(targets, -1) + 1)
+
+
+def target_masks(segments, num_slots, stride=1):
+  """float32 [B, M, H/stride, W/stride]: slot m's binary mask, nearest-downsampled by striding."""
+  seg = segments[:, ::stride, ::stride]
+  return (seg[:, None] == jnp.arange(num_slots)[None, :, None, None]).astype(jnp.float32)
+
+
+def sample_targets(segments, coords, num_slots):
+  """Bilinear samples (align_corners=False, zero padding) of the binary target masks at `coords`.
+
+  segments int32 [B, H, W]; coords [B, M, P, 2] in [0, 1] as (x, y) for slot m's mask. Equals
+  `points.point_sample(target_masks(segments, M), coords)` without building the dense masks.
+  """
+  b, h, w = segments.shape
+  px = coords[..., 0] * w - 0.5
+  py = coords[..., 1] * h - 0.5
+  x0, y0 = jnp.floor(px), jnp.floor(py)
+  flat = segments.reshape(b, 1, h * w)
+  slot = jnp.arange(num_slots)[None, :, None]
+  out = 0.0
+  for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+    xi, yi = x0 + dx, y0 + dy
+    wgt = (1 - jnp.abs(px - xi)) * (1 - jnp.abs(py - yi))
+    inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+    idx = (jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)).astype(jnp.int32)
+    seg = jnp.take_along_axis(flat, idx.reshape(b, 1, -1), axis=2).reshape(idx.shape)
+    out = out + jnp.where(inside & (seg == slot), wgt, 0.0)
+  return out
+
+
+def match(pred_logits, pred_masks, batch, loss_config, rng=None):
+  """int32 [B, M]: the query matched to each target slot, -1 for none (no gradient)."""
+  lc = loss_config
+  segments, num_slots = batch["segments"], batch["labels"].shape[1]
+  if lc.matcher_num_points > 0:  # Mask2Former: costs on points sampled from the full-res masks
+    tgt = target_masks(segments, num_slots)
+  else:  # original: nearest-downsample the targets to the prediction size
+    tgt = target_masks(segments, num_slots, segments.shape[1] // pred_masks.shape[2])
+  cost = matcher_lib.matching_costs(
+      sg(pred_logits), sg(pred_masks), batch["labels"], tgt, batch["valid"],
+      cost_class=lc.cost_class, cost_mask=lc.cost_mask, cost_dice=lc.cost_dice,
+      alpha=lc.focal_alpha, gamma=lc.focal_gamma, num_points=int(lc.matcher_num_points), rng=rng)
+  return sg(matcher_lib.make_matcher(lc.matcher)(sg(cost), batch["valid"]))
+
+
+def layer_losses(pred_logits, pred_masks, batch, indices, loss_config, *, num_masks, ce_norm,
+                 rng=None):
+  """Unweighted {'loss_ce', 'loss_mask', 'loss_dice'} of one layer for a given matching `indices`."""
+  lc = loss_config
+  b, q, k1 = pred_logits.shape
+  labels, segments = batch["labels"], batch["segments"]
+  matched = indices >= 0
+
+  # Cross-entropy over all queries; unmatched ones are no-object (index K), weighted eos_coef.
+  rows = jnp.broadcast_to(jnp.arange(b)[:, None], indices.shape)
+  target_cls = jnp.full((b, q), k1 - 1, jnp.int32).at[rows, jnp.where(matched, indices, q)].set(
+      labels.astype(jnp.int32), mode="drop")
+  logp = jax.nn.log_softmax(pred_logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, target_cls[..., None], axis=-1)[..., 0]
+  w = jnp.where(target_cls == k1 - 1, lc.eos_coef, 1.0)
+  loss_ce = jnp.sum(w * nll) / ce_norm
+
+  # Mask losses on matched pairs only: preds gathered by the match, [B, M, h, w].
+  src = jnp.take_along_axis(pred_masks.astype(jnp.float32),
+                            jnp.maximum(indices, 0)[:, :, None, None], axis=1)
+  num_slots = labels.shape[1]
+  if lc.point_sampling:  # Mask2Former: uncertainty-based importance-sampled points
+    coords = sg(points_lib.sample_points_with_uncertainty(
+        sg(src), rng, int(lc.num_points), float(lc.oversample_ratio),
+        float(lc.importance_sample_ratio)))
+    logits = points_lib.point_sample(src, coords)  # [B, M, P]
+    tgt = sample_targets(segments, coords, num_slots)
+  else:  # original: bilinear (align_corners=False) upsampling to the padded full-res target
+    h, w_ = segments.shape[1:]
+    logits = jax.image.resize(src, (b, num_slots, h, w_), "bilinear", antialias=False)
+    logits = logits.reshape(b, num_slots, h * w_)
+    tgt = target_masks(segments, num_slots).reshape(b, num_slots, h * w_)
+  focal = jnp.mean(sigmoid_focal(logits, tgt, lc.focal_alpha, lc.focal_gamma), axis=-1)
+  m = matched.astype(jnp.float32)
+  loss_mask = jnp.sum(focal * m) / num_masks
+  loss_dice = jnp.sum(dice(logits, tgt) * m) / num_masks
+  return {"loss_ce": loss_ce, "loss_mask": loss_mask, "loss_dice": loss_dice}
+
+
+def set_criterion(outputs, batch, loss_config, *, num_masks, rng, ce_norm=None):
+  """(total loss, terms) over the main layer and, with deep supervision, every auxiliary layer.
+
+  batch: segments int32 [B, H, W], labels int32 [B, M], valid bool [B, M]. `num_masks`: global count
+  of targets (>= 1); `ce_norm`: the CE's sum of weights over the global batch (default: this batch's,
+  `class_weight_sum`); pass both for the full batch when `batch` is a micro-batch.
+  Terms: loss_ce/loss_mask/loss_dice (main layer), loss_ce_i/... (aux layer i), their per-kind sums
+  over layers (loss_ce_all, ...), and 'loss'.
+  """
+  lc = loss_config
+  layers = [outputs] + (list(outputs.get("aux_outputs", ())) if lc.deep_supervision else [])
+  if ce_norm is None:
+    ce_norm = class_weight_sum(batch, outputs["pred_logits"].shape[1], lc.eos_coef)
+  rng = jax.random.key(0) if rng is None else rng
+  weights = {"loss_ce": lc.class_weight, "loss_mask": lc.mask_weight, "loss_dice": lc.dice_weight}
+  terms, total = {}, 0.0
+  for i, out in enumerate(layers):
+    match_rng, point_rng = jax.random.split(jax.random.fold_in(rng, i))
+    indices = match(out["pred_logits"], out["pred_masks"], batch, lc, match_rng)
+    losses = layer_losses(out["pred_logits"], out["pred_masks"], batch, indices, lc,
+                          num_masks=num_masks, ce_norm=ce_norm, rng=point_rng)
+    suffix = "" if i == 0 else f"_{i - 1}"
+    for name, value in losses.items():
+      terms[name + suffix] = value
+      terms[name + "_all"] = terms.get(name + "_all", 0.0) + value
+      total = total + weights[name] * value
+  terms["loss"] = total
+  return total, terms
