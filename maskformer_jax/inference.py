@@ -1,0 +1,242 @@
+"""Turning model outputs into panoptic / semantic / instance results (SPEC.md section 4), batched in JAX.
+
+Everything here has static shapes so it jits once per input shape: dropped queries are masked rather than
+removed, and segment ids follow a static scheme. A segment's id is 1 + the index of the query that
+represents it: a thing query represents itself; the stuff queries of one class are merged into the segment
+of the FIRST surviving stuff query of that class (the original assigns its merged stuff segment the id of
+the first query of the class too, only numbered consecutively). `segment_class[b, q]` is the contiguous
+class of segment id q + 1 (-1: no such segment); `to_coco_panoptic` renumbers ids consecutively on the host.
+
+Original resolution (`postprocess_to_original`): the original upsamples the stride-4 mask logits to the
+padded input, crops the image content, resizes that crop bilinearly to the original image size and only
+then runs the panoptic inference. The crop size and the original size vary per image, which would mean a
+compilation per size; instead the crop + resize is written as `jax.image.scale_and_translate` with a
+per-image (traced) scale onto a static canvas at least as large as the original, with rows/columns past
+the content edge-replicated so the bilinear samples see exactly what torch's clamped sampling of the crop
+sees. Pixels outside the original extent are masked out of every area and cut away on the host. That is
+exact at the original resolution and compiles once per canvas bucket (multiples of 64), so it is both the
+correct and the fast path; `panoptic_inference(..., out_size=...)` without a crop stays available for
+cheap previews at a static size.
+"""
+import functools
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def resize_bilinear(x, out_size):
+  """Bilinear resize of the last two axes like torch `F.interpolate(align_corners=False)` (no antialias)."""
+  out_size = tuple(int(s) for s in out_size)
+  if tuple(x.shape[-2:]) == out_size:
+    return x
+  return jax.image.resize(x, x.shape[:-2] + out_size, method="linear", antialias=False)
+
+
+def crop_resize(x, content_size, orig_size, canvas):
+  """One image's [C, H, W] padded map -> its content crop resized bilinearly to orig_size, on a canvas.
+
+  Returns ([C, canvas_h, canvas_w], valid bool [canvas_h, canvas_w]); values are meaningful where valid.
+  content_size and orig_size are int (h, w) arrays and may be traced.
+  """
+  c, h, w = x.shape
+  content_size = jnp.asarray(content_size, jnp.int32)
+  orig_size = jnp.asarray(orig_size, jnp.int32)
+  # Edge-replicate past the content so samples near its far border equal torch's clamp to the crop.
+  rows = jnp.minimum(jnp.arange(h), content_size[0] - 1)
+  cols = jnp.minimum(jnp.arange(w), content_size[1] - 1)
+  x = x[:, rows][:, :, cols]
+  scale = orig_size.astype(jnp.float32) / content_size.astype(jnp.float32)
+  y = jax.image.scale_and_translate(x, (c,) + tuple(canvas), (1, 2), scale, jnp.zeros(2, jnp.float32),
+                                    method="linear", antialias=False)
+  valid = ((jnp.arange(canvas[0])[:, None] < orig_size[0]) & (jnp.arange(canvas[1])[None, :] < orig_size[1]))
+  return y, valid
+
+
+def _panoptic_single(logits, masks, valid, is_thing, object_mask_threshold, overlap_threshold, hf_compat):
+  """Original MaskFormer `panoptic_inference` for one image; masks are logits [Q, H, W]."""
+  num_queries, num_classes = logits.shape[0], logits.shape[-1] - 1
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  score, label = probs.max(-1), probs.argmax(-1)
+  keep = (label != num_classes) & (score > object_mask_threshold)
+  mask_probs = jax.nn.sigmoid(masks.astype(jnp.float32))
+  weighted = score[:, None, None] * mask_probs
+  ids = jnp.argmax(jnp.where(keep[:, None, None], weighted, -jnp.inf), axis=0)  # [H, W]
+  qs = jnp.arange(num_queries)
+  mask_area = ((ids[None] == qs[:, None, None]) & valid[None]).sum((1, 2))
+  # HF thresholds the score-weighted probability for the "original area"; the original the plain one.
+  orig_area = (((weighted if hf_compat else mask_probs) >= 0.5) & valid[None]).sum((1, 2))
+  ratio = mask_area / jnp.maximum(orig_area, 1)
+  # Original: drop if ratio < threshold; HF: keep only if ratio > threshold (differs at equality only).
+  big_enough = ratio > overlap_threshold if hf_compat else ratio >= overlap_threshold
+  seg_valid = keep & (mask_area > 0) & (orig_area > 0) & big_enough
+  thing = jnp.asarray(is_thing)[jnp.clip(label, 0, num_classes - 1)]
+  same_stuff = (label[:, None] == label[None, :]) & (seg_valid & ~thing)[None, :]
+  rep = jnp.where(thing, qs, jnp.argmax(same_stuff, axis=1))  # first surviving stuff query of the class
+  query_segment = jnp.where(seg_valid, rep + 1, 0).astype(jnp.int32)
+  panoptic = jnp.where(valid, query_segment[ids], 0)
+  is_rep = seg_valid & (rep == qs)
+  return dict(panoptic=panoptic.astype(jnp.int32), segment_class=jnp.where(is_rep, label, -1).astype(jnp.int32),
+              segment_score=jnp.where(is_rep, score, 0.0), isthing=is_rep & thing, query_segment=query_segment)
+
+
+@functools.partial(jax.jit, static_argnames=("out_size", "hf_compat"))
+def panoptic_inference(pred_logits, pred_masks, *, is_thing, object_mask_threshold, overlap_threshold,
+                       out_size: Optional[Sequence[int]] = None, valid=None, hf_compat: bool = False):
+  """Batched panoptic inference: pred_logits [B, Q, K+1], pred_masks [B, Q, h, w] logits.
+
+  Masks are upsampled (bilinear, align_corners=False) to out_size first. `valid` (bool [B, H, W], optional)
+  restricts every area to the image (used for the canvas at the original resolution). `hf_compat`
+  reproduces Hugging Face's area test (score-weighted "original area", strict ratio comparison); off, it
+  is the original MaskFormer's. Returns panoptic int32 [B, H, W] (0 = void, id q+1 as in the module doc),
+  segment_class int32 [B, Q], segment_score f32 [B, Q], isthing bool [B, Q], query_segment int32 [B, Q]
+  (segment id each query contributes to, 0 if dropped).
+  """
+  masks = pred_masks if out_size is None else resize_bilinear(pred_masks, out_size)
+  if valid is None:
+    valid = jnp.ones((masks.shape[0],) + masks.shape[-2:], bool)
+  fn = functools.partial(_panoptic_single, is_thing=is_thing, object_mask_threshold=object_mask_threshold,
+                         overlap_threshold=overlap_threshold, hf_compat=hf_compat)
+  return jax.vmap(lambda l, m, v: fn(l, m, v))(pred_logits, masks, valid)
+
+
+def _semantic_single(logits, masks):
+  cls = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., :-1]
+  return jnp.einsum("qc,qhw->chw", cls, jax.nn.sigmoid(masks.astype(jnp.float32)))
+
+
+@functools.partial(jax.jit, static_argnames=("out_size",))
+def semantic_inference(pred_logits, pred_masks, *, out_size: Optional[Sequence[int]] = None):
+  """Per-class scores einsum('qc,qhw->chw', softmax[..., :K], sigmoid(mask)) [B, K, H, W] and their argmax."""
+  masks = pred_masks if out_size is None else resize_bilinear(pred_masks, out_size)
+  scores = jax.vmap(_semantic_single)(pred_logits, masks)
+  return dict(sem_seg=scores, labels=jnp.argmax(scores, axis=1).astype(jnp.int32))
+
+
+def _instance_single(logits, masks, valid, is_thing, topk):
+  num_classes = logits.shape[-1] - 1
+  scores = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[:, :-1].reshape(-1)
+  top_scores, top_idx = jax.lax.top_k(scores, topk)
+  labels, query = top_idx % num_classes, top_idx // num_classes
+  m = masks[query].astype(jnp.float32)
+  binary = (m > 0) & valid[None]
+  mask_score = (jax.nn.sigmoid(m) * binary).sum((1, 2)) / (binary.sum((1, 2)) + 1e-6)
+  keep = jnp.ones_like(labels, bool) if is_thing is None else jnp.asarray(is_thing)[labels]
+  return dict(masks=binary, scores=top_scores * mask_score, labels=labels.astype(jnp.int32), valid=keep,
+              query=query.astype(jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("out_size", "topk"))
+def instance_inference(pred_logits, pred_masks, *, is_thing=None, topk: Optional[int] = None,
+                       out_size: Optional[Sequence[int]] = None, valid=None):
+  """Mask2Former instance inference: top-k (default Q) over the Q*K class scores, each with its query's
+  binary mask (logit > 0) and score = class prob * mean mask prob inside the mask.
+
+  `is_thing` given (panoptic datasets), `valid` marks the top-k entries of stuff classes False instead of
+  removing them (static shapes). Returns masks bool [B, k, H, W], scores, labels, valid, query [B, k].
+  """
+  masks = pred_masks if out_size is None else resize_bilinear(pred_masks, out_size)
+  if valid is None:
+    valid = jnp.ones((masks.shape[0],) + masks.shape[-2:], bool)
+  k = pred_logits.shape[1] if topk is None else topk
+  return jax.vmap(lambda l, m, v: _instance_single(l, m, v, is_thing, k))(pred_logits, masks, valid)
+
+
+# ----------------------------------------------------------------------------------- original resolution
+
+def canvas_for(orig_sizes, multiple: int = 64):
+  """Static canvas (h, w) covering every original size in the batch, rounded up to limit recompilation."""
+  m = np.max(np.asarray(orig_sizes).reshape(-1, 2), axis=0)
+  return tuple(int(-(-int(v) // multiple) * multiple) for v in m)
+
+
+@functools.partial(jax.jit, static_argnames=("task", "padded_size", "canvas", "topk", "things_only"))
+def _to_original(pred_logits, pred_masks, image_size, orig_size, is_thing, object_mask_threshold,
+                 overlap_threshold, *, task, padded_size, canvas, topk=None, things_only=False):
+  """Per image (lax.map, so only one image's full-resolution maps are alive at a time)."""
+  def one(args):
+    logits, masks, content, orig = args
+    up = resize_bilinear(masks, padded_size)  # mask logits at the padded input size
+    if task == "semantic":  # original: inference at the padded size, then crop + resize the scores
+      scores, valid = crop_resize(_semantic_single(logits, up), content, orig, canvas)
+      return dict(labels=jnp.argmax(scores, axis=0).astype(jnp.int32), valid=valid)
+    resized, valid = crop_resize(up, content, orig, canvas)
+    if task == "panoptic":
+      return _panoptic_single(logits, resized, valid, is_thing, object_mask_threshold, overlap_threshold,
+                              False)
+    return _instance_single(logits, resized, valid, is_thing if things_only else None, topk or logits.shape[0])
+  return jax.lax.map(one, (pred_logits, pred_masks, image_size, orig_size))
+
+
+def postprocess_to_original(outputs, batch, *, categories, task: str = "panoptic",
+                            object_mask_threshold: float = 0.8, overlap_threshold: float = 0.8,
+                            padded_size: Optional[Sequence[int]] = None, topk: Optional[int] = None,
+                            panoptic_things_only: bool = True):
+  """Model outputs for an eval batch -> a list with one result per image at its original resolution.
+
+  outputs: {'pred_logits' [B, Q, K+1], 'pred_masks' [B, Q, h, w]}; batch: needs 'image_size', 'orig_size'
+  and optionally 'image_id' (entries with id < 0 are batch padding and give None). categories: list of
+  {id, isthing, contiguous_id} (dataset order). padded_size defaults to 4 * mask size.
+  Per image: panoptic -> (id map int32 [h0, w0], segments_info) as `to_coco_panoptic`; semantic -> label
+  map int32 [h0, w0] (contiguous classes); instance -> dict(masks bool [n, h0, w0], scores, category_id).
+  """
+  logits, masks = jnp.asarray(outputs["pred_logits"]), jnp.asarray(outputs["pred_masks"])
+  if padded_size is None:
+    padded_size = (4 * masks.shape[-2], 4 * masks.shape[-1])
+  image_size, orig_size = np.asarray(batch["image_size"]), np.asarray(batch["orig_size"])
+  ids = np.asarray(batch.get("image_id", np.zeros(len(orig_size), np.int32)))
+  is_thing = is_thing_array(categories)
+  things_only = bool(panoptic_things_only and task == "instance" and not is_thing.all())
+  out = _to_original(logits, masks, jnp.asarray(image_size), jnp.asarray(orig_size), jnp.asarray(is_thing),
+                     object_mask_threshold, overlap_threshold, task=task,
+                     padded_size=tuple(int(s) for s in padded_size), canvas=canvas_for(orig_size), topk=topk,
+                     things_only=things_only)
+  out = jax.device_get(out)
+  results = []
+  for i, (h0, w0) in enumerate(orig_size):
+    if ids[i] < 0:
+      results.append(None)
+      continue
+    one = {k: v[i] for k, v in out.items()}
+    if task == "panoptic":
+      one["panoptic"] = one["panoptic"][:h0, :w0]
+      results.append(to_coco_panoptic(one, categories))
+    elif task == "semantic":
+      results.append(one["labels"][:h0, :w0])
+    else:
+      sel = one["valid"]
+      contiguous_to_id = np.array([c["id"] for c in sorted(categories, key=lambda c: c["contiguous_id"])])
+      results.append(dict(masks=one["masks"][sel, :h0, :w0], scores=one["scores"][sel],
+                          category_id=contiguous_to_id[one["labels"][sel]]))
+  return results
+
+
+def is_thing_array(categories):
+  """bool [K] indexed by contiguous id, from the dataset's category list."""
+  out = np.zeros(len(categories), bool)
+  for c in categories:
+    out[c["contiguous_id"]] = bool(c["isthing"])
+  return out
+
+
+def to_coco_panoptic(result: dict, categories):
+  """One image's panoptic result (numpy, panoptic cropped to the image) -> (id map, segments_info).
+
+  Ids become 1..n in order of their representative query; segments with no pixel left are dropped (the
+  COCO format requires every listed segment to appear in the PNG). segments_info carries the original
+  category id, isthing, score and area.
+  """
+  pan = np.asarray(result["panoptic"])
+  seg_class = np.asarray(result["segment_class"])
+  score = np.asarray(result["segment_score"])
+  by_contiguous = {c["contiguous_id"]: c for c in categories}
+  area = np.bincount(pan.reshape(-1), minlength=len(seg_class) + 1)
+  lut = np.zeros(len(seg_class) + 1, np.int32)
+  segments_info = []
+  for q in np.nonzero((seg_class >= 0) & (area[1:] > 0))[0]:
+    lut[q + 1] = len(segments_info) + 1
+    cat = by_contiguous[int(seg_class[q])]
+    segments_info.append(dict(id=len(segments_info) + 1, category_id=int(cat["id"]), isthing=bool(cat["isthing"]),
+                              score=float(score[q]), area=int(area[q + 1])))
+  return lut[pan], segments_info
