@@ -6,8 +6,10 @@
   state = it.get_state()       # bytes; iter(loader) + it.set_state(state) continues identically
 
 Train: shuffled per epoch (IndexSampler, seeded), sharded per host without overlap (drop remainder),
-bad examples dropped (count + log) or raised, per-example augmentation RNG from (seed, index) so the
-stream does not depend on the number of worker processes. Eval: every example of the split exactly once
+bad examples dropped (count + log) or raised, per-example augmentation RNG from (seed, global index)
+(grain's RecordMetadata rng). With worker processes each worker batches its own share of the records,
+so the batch composition depends on config.data.num_workers (restore with the same count); the
+examples themselves do not. Eval: every example of the split exactly once
 in order, each host a contiguous equal share, filled to whole batches with padding examples
 (image_id -1, valid all False); an example skipped as bad input also becomes a padding example.
 """
@@ -20,6 +22,7 @@ import numpy as np
 from maskformer_jax.data import transforms
 
 log = logging.getLogger("maskformer_jax.data")
+READ_THREADS = 4  # per process; decoding releases the GIL, and remote (gs://) reads wait on I/O
 
 
 def make_source(config, split, *, require_segments=False):
@@ -155,6 +158,12 @@ def make_loader(config, split, *, train, seed, shard_index=None, shard_count=Non
                                           seed=int(seed))
     ops = [EvalMap(d.eval_size, d.eval_min_size, d.eval_max_size, m, k),
            grain.transforms.Batch(bs, drop_remainder=False)]
+  if workers:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; not every caller is
+      flags.FLAGS.mark_as_parsed()   # an absl app (tests, notebooks): use the flags' defaults
+  # Reading threads decode ahead of the transforms; a small window bounds memory at large canvases.
+  read = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=max(8, 2 * bs))
   return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
                           worker_count=workers, worker_buffer_size=d.worker_buffer_size,
-                          shard_options=shard)
+                          shard_options=shard, read_options=read)
