@@ -3,8 +3,6 @@
 `hungarian` solves one assignment problem per image inside the jitted step (no host round trip);
 `host_hungarian` runs scipy through `jax.pure_callback` for comparison only.
 """
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,16 +22,126 @@ def sanitize_costs(cost):
   return jnp.clip(cost, -BIG, BIG)
 
 
-def _optax_one(cost_t, valid):
-  """One [M, N] problem (targets as rows) with optax; invalid rows get a constant cost (exact)."""
-  cost_t = jnp.where(valid[:, None], cost_t, 0.0)
-  rows, cols = optax.assignment.hungarian_algorithm(cost_t)
-  out = jnp.full((cost_t.shape[0],), -1, jnp.int32).at[rows].set(cols.astype(jnp.int32))
-  return jnp.where(valid, out, -1)
+def _first(mask):
+  """Index of the first True along the last axis (its size if none).
+
+  A plain min-reduction: XLA:CPU runs argmin/argmax (a variadic reduce) several times slower, and
+  reductions over a non-minor axis slower still, so the solver only ever reduces over the last axis.
+  """
+  io = jax.lax.broadcasted_iota(jnp.int32, mask.shape, mask.ndim - 1)
+  return jnp.min(jnp.where(mask, io, mask.shape[-1]), axis=-1)
+
+
+def _pick(x, onehot):
+  """x[b, j[b]] given the one-hot of j along the last axis (a fused select + reduce, not a gather)."""
+  low = jnp.iinfo(x.dtype).min if jnp.issubdtype(x.dtype, jnp.integer) else -jnp.inf
+  return jnp.max(jnp.where(onehot, x, low), axis=-1)
+
+
+def _row(c, i):
+  """c[b, i[b], :] for c [B, M, N]."""
+  return jnp.take_along_axis(c, i[:, None, None], axis=1)[:, 0]
+
+
+def _solve(c, valid):
+  """Shortest augmenting paths (Jonker-Volgenant / scipy's LAPJV variant) for c [B, M, N], M <= N.
+
+  Rows are targets, columns queries. Every image runs its own state machine and all images advance
+  together, one Dijkstra step per `while_loop` iteration, so the number of sequential iterations is the
+  largest per-image count of Dijkstra steps, not the sum over the batch. One step scans one row against
+  all N columns at once ([B, N] vector work). Duals: v per column (0 for free columns, so the rectangular
+  problem stays exact); u of an assigned row is implicit (c - v on its tight assigned edge).
+  Returns col4row [B, M] (column of each row, -1 for invalid rows).
+  """
+  bsz, m, n = c.shape
+  dtype = c.dtype
+  inf = jnp.array(jnp.inf, dtype)
+  ar_m = jnp.arange(m, dtype=jnp.int32)
+  ar_n = jnp.arange(n, dtype=jnp.int32)
+
+  # Start: u = row minimum, v = 0, and each valid row takes its argmin column unless a lower row did
+  # (a feasible, complementary-slack partial assignment). Only the losers need a search.
+  rmin = c.min(axis=2)
+  a = _first(c == rmin[:, :, None])
+  clash = (a[:, :, None] == a[:, None, :]) & valid[:, None, :] & (ar_m[None, :] < ar_m[:, None])[None]
+  win = valid & ~clash.any(axis=2)
+  col4row = jnp.where(win, a, -1)
+  row4col = jnp.max(jnp.where((a[:, :, None] == ar_n) & win[:, :, None], ar_m[None, :, None], -1), axis=1)
+
+  def next_root(col4row):
+    r = _first(valid & (col4row < 0))
+    return jnp.minimum(r, m - 1), r < m
+
+  cur, active = next_root(col4row)
+  zb = jnp.zeros((bsz,), dtype)
+  state = dict(
+      v=jnp.zeros((bsz, n), dtype), col4row=col4row, row4col=row4col,
+      cur=cur,  # root row of the current search
+      i=cur,  # row scanned next
+      ui=zb,  # its dual u (0 for a root: a constant offset of all distances)
+      active=active,  # the image still has free valid rows
+      aug=jnp.zeros((bsz,), bool),  # walking an augmenting path back to the root
+      jaug=jnp.zeros((bsz,), jnp.int32),  # column being re-assigned on that walk
+      spc=jnp.full((bsz, n), inf),  # shortest path cost to each column
+      path=jnp.zeros((bsz, n), jnp.int32),  # predecessor row of each column
+      sc=jnp.zeros((bsz, n), bool),  # scanned columns
+      minval=zb, steps=jnp.int32(0))
+
+  def step(s):
+    search = s["active"] & ~s["aug"]
+    sc = s["sc"]
+    # Dijkstra: relax row i against every unscanned column, then settle the closest column
+    # (preferring a free one on ties, as scipy does, so searches end early).
+    r = (s["minval"] - s["ui"])[:, None] + _row(c, s["i"]) - s["v"]
+    upd = search[:, None] & ~sc & (r < s["spc"])
+    spc = jnp.where(upd, r, s["spc"])
+    path = jnp.where(upd, s["i"][:, None], s["path"])
+    masked = jnp.where(sc, inf, spc)
+    lowest = masked.min(axis=1)
+    key = jnp.where(masked == lowest[:, None], jnp.where(s["row4col"] < 0, ar_n, ar_n + n), 2 * n)
+    j = key.min(axis=1) % n
+    hit = ar_n == j[:, None]
+    nxt = _pick(s["row4col"], hit)
+    sink = search & (nxt < 0)
+    cont = search & (nxt >= 0)
+    minval = jnp.where(search, lowest, s["minval"])
+    sc = sc | (hit & search[:, None])
+    ui = jnp.where(cont, _pick(_row(c, jnp.maximum(nxt, 0)) - s["v"], hit), s["ui"])
+    i = jnp.where(cont, nxt, s["i"])
+    # Free column reached: update v of the settled columns (u stays implicit), then walk back.
+    v = jnp.where(sink[:, None] & sc, s["v"] - (minval[:, None] - spc), s["v"])
+    aug = s["aug"] | sink
+    jaug = jnp.where(sink, j, s["jaug"])
+    ja = ar_n == jaug[:, None]
+    pi = _pick(path, ja)
+    row4col = jnp.where(ja & aug[:, None], pi[:, None], s["row4col"])
+    ia = ar_m == pi[:, None]
+    old = _pick(s["col4row"], ia)
+    col4row = jnp.where(ia & aug[:, None], jaug[:, None], s["col4row"])
+    done = aug & (pi == s["cur"])
+    jaug = jnp.where(aug, old, jaug)
+    aug = aug & ~done
+    # Path complete: start the next free row.
+    root, more = next_root(col4row)
+    return dict(
+        v=v, col4row=col4row, row4col=row4col, cur=jnp.where(done, root, s["cur"]),
+        i=jnp.where(done, root, i), ui=jnp.where(done, 0.0, ui),
+        active=jnp.where(done, more, s["active"]), aug=aug, jaug=jaug,
+        spc=jnp.where(done[:, None], inf, spc), path=path, sc=sc & ~done[:, None],
+        minval=jnp.where(done, 0.0, minval), steps=s["steps"] + 1)
+
+  # At most m augmentations of at most m search and m walk steps each: a guard, never reached.
+  limit = 2 * m * m + 2 * m + 1
+  state = jax.lax.while_loop(lambda s: s["active"].any() & (s["steps"] < limit), step, state)
+  return jnp.where(valid, state["col4row"], -1)
 
 
 def hungarian(cost, valid):
   """Minimum-cost assignment of every valid column (target) to a distinct row (query).
+
+  Exact (same total as scipy's `linear_sum_assignment` on the valid columns); invalid columns take no
+  part at all. Pure JAX with static shapes: works under jit, vmap and shard_map. Costs go through
+  `sanitize_costs` (non-finite policy above).
 
   Args:
     cost: float [B, N, M], N >= M.
@@ -41,8 +149,30 @@ def hungarian(cost, valid):
   Returns:
     int32 [B, M]: the row assigned to each column, -1 for invalid columns.
   """
+  cost = jnp.asarray(cost)
+  b, n, m = cost.shape
+  if n < m:
+    raise ValueError(f"hungarian needs N >= M, got cost of shape {cost.shape}")
+  if m == 0:
+    return jnp.zeros((b, 0), jnp.int32)
+  dtype = cost.dtype if cost.dtype in (jnp.float32, jnp.float64) else jnp.float32
+  cost = sanitize_costs(cost.astype(dtype))
+  valid = jnp.asarray(valid, bool)
+  return _solve(jnp.swapaxes(cost, 1, 2), valid).astype(jnp.int32)
+
+
+def optax_hungarian(cost, valid):
+  """Peer for benchmarks and tests: vmapped `optax.assignment.hungarian_algorithm`, invalid columns at a
+  constant cost (which keeps the real columns exact)."""
+
+  def one(cost_t, valid):
+    cost_t = jnp.where(valid[:, None], cost_t, 0.0)
+    rows, cols = optax.assignment.hungarian_algorithm(cost_t)
+    out = jnp.full((cost_t.shape[0],), -1, jnp.int32).at[rows].set(cols.astype(jnp.int32))
+    return jnp.where(valid, out, -1)
+
   cost = sanitize_costs(jnp.asarray(cost, jnp.float32))
-  return jax.vmap(_optax_one)(jnp.swapaxes(cost, 1, 2), valid)
+  return jax.vmap(one)(jnp.swapaxes(cost, 1, 2), valid)
 
 
 def _scipy_batch(cost, valid):
