@@ -30,7 +30,7 @@ CATEGORIES = (
     {"id": 20, "name": "ground", "isthing": 0, "color": (110, 85, 50)},
 )
 MARKER = "SYNTHETIC_COMPLETE.json"
-_VERSION = 1  # bump when the drawing changes so cached datasets are regenerated
+_VERSION = 2  # bump when the drawing changes so cached datasets are regenerated
 
 
 def _rgb_from_id(ids):
@@ -78,8 +78,9 @@ def render(rng, h, w):
   idmap[~sky] = ids[1]
   segs.append((ids[1], cats["ground"], 0))
 
-  # Things: 2-7 instances; with p=0.5 all but one share a class, painted in order (occlusions).
-  n = rng.integers(2, 8)
+  # Things: 2-6 instances (<= 8 segments in all); with p=0.5 all share a class; painted in order
+  # (occlusions).
+  n = rng.integers(2, 7)
   kinds = rng.choice(["circle", "square", "triangle"], size=n)
   if rng.random() < 0.5:
     kinds[1:] = kinds[0]
