@@ -77,14 +77,21 @@ def make_accumulator(config, categories):
   return PQAccumulator(categories)
 
 
+def original_category_ids(segments_info, categories):
+  """Ground truth from the sources names contiguous classes; predictions and PQ use the dataset's ids."""
+  to_id = {c["contiguous_id"]: c["id"] for c in categories}
+  return [{**s, "category_id": to_id[s["category_id"]]} for s in segments_info]
+
+
 def merge_over_processes(acc):
   """Sums the accumulator state over all processes (every process gets the total)."""
   if jax.process_count() == 1:
     return acc
   from jax.experimental import multihost_utils
-  states = multihost_utils.process_allgather(acc.state())
-  total = type(acc).from_state(jax.tree.map(lambda x: np.asarray(x).sum(0), states))
-  return total
+  states = multihost_utils.process_allgather(acc.state())  # [processes, ...]
+  acc.reset()
+  acc.merge(states)
+  return acc
 
 
 def evaluate(config, model, state, mesh, eval_step, *, num_images: int = 0, source=None):
@@ -111,7 +118,11 @@ def evaluate(config, model, state, mesh, eval_step, *, num_images: int = 0, sour
       if result is None or image_id < 0:
         continue
       gt = source.ground_truth(int(image_id))
-      acc.update(result, gt)
+      if config.eval.task == "panoptic":
+        gt = (gt[0], original_category_ids(gt[1], categories))
+        acc.add(result[0], result[1], gt[0], gt[1])
+      else:
+        acc.add(result, gt)
       count += 1
       if len(summaries) < num_images and jax.process_index() == 0:
         if config.eval.task == "semantic":
@@ -122,7 +133,7 @@ def evaluate(config, model, state, mesh, eval_step, *, num_images: int = 0, sour
           views = []
         summaries.append(_side_by_side(original_image(batch, i), *views))
   acc = merge_over_processes(acc)
-  row = {k: float(v) for k, v in _flat_result(acc.result()).items()}
+  row = metric_row(acc.result(), config.eval.task)
   row["num_images"] = _sum_over_processes(count)
   images = None
   if summaries:
@@ -139,20 +150,17 @@ def _sum_over_processes(n: int) -> int:
   return int(np.sum(multihost_utils.process_allgather(np.asarray(n))))
 
 
-def _flat_result(result: dict) -> dict:
-  """{'pq', 'sq', 'rq', 'pq_th', ...} or {'miou', ...}: scalar entries only, nested dicts flattened."""
-  out = {}
-  for k, v in result.items():
-    if isinstance(v, dict):
-      for k2, v2 in v.items():
-        if np.ndim(v2) == 0:
-          out[f"{k}_{k2}"] = v2
-    elif np.ndim(v) == 0 and v is not None:
-      out[k] = v
-  return out
-
-
-_CONFIG = None
+def metric_row(result: dict, task: str) -> dict:
+  """The accumulator's result as a flat row in percent: pq/sq/rq (+ _th, _st) or miou (+ macc, ...)."""
+  if task == "panoptic":
+    row = {}
+    for group, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
+      for k in ("pq", "sq", "rq"):
+        row[k + suffix] = 100 * float(result[group][k])
+    for cat, r in result.get("per_class", {}).items():
+      row[f"pq_class{cat}"] = 100 * float(r["pq"])
+    return row
+  return {k: 100 * float(v) for k, v in result.items() if np.ndim(v) == 0}
 
 
 def main(argv):

@@ -246,7 +246,6 @@ def train_and_evaluate(config, workdir: str):
   t_start = time.time()
   validate_config(config, num_devices=jax.device_count(), num_processes=jax.process_count())
   from maskformer_jax import evaluate as evaluate_lib
-  from maskformer_jax import optim
   from maskformer_jax import sharding
   from maskformer_jax import train_step as train_step_lib
   from maskformer_jax.data import pipeline
@@ -277,7 +276,6 @@ def train_and_evaluate(config, workdir: str):
 
   train_step = train_step_lib.make_train_step(config, model, mesh)
   eval_step = train_step_lib.make_eval_step(config, model, mesh)
-  lr_fn = optim.learning_rate(config)
   total = int(config.total_steps)
   progress = metrics_lib.Progress(total, config.batch_size, start_step=step)
 
@@ -299,7 +297,8 @@ def train_and_evaluate(config, workdir: str):
   previous_handler = None
   if jax.process_count() == 1:
     previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
-  pending, skipped_total = [], 0.0
+  pending = []
+  skipped_total = int(jax.device_get(state["skipped"])) if "skipped" in state else 0
   try:
     while step < total:
       batch = next(data_iter)
@@ -309,13 +308,11 @@ def train_and_evaluate(config, workdir: str):
 
       if step % config.train.log_every == 0 or step == total:
         row = mean_metrics(pending)  # the only host sync of the loop
+        skipped_total += round(row.pop("skipped", 0.0) * len(pending))  # non-finite updates dropped
         pending = []
-        skipped = row.pop("skipped", row.pop("skipped_steps", 0.0))
-        skipped_total += skipped * config.train.log_every if skipped <= 1 else skipped
         p = progress.update(step)
-        row.update(learning_rate=float(lr_fn(step - 1)), skipped_steps=skipped_total,
-                   steps_per_s=p["steps_per_s"], images_per_s=p["images_per_s"],
-                   wall_time_s=time.time() - t_start)
+        row.update(skipped_steps=skipped_total, steps_per_s=p["steps_per_s"],
+                   images_per_s=p["images_per_s"], eta_s=p["eta_s"], wall_time_s=time.time() - t_start)
         writer.write(step, row, prefix="train")
         metrics_lib.log(progress.line(step, row.get("loss", float("nan")), p))
 
@@ -337,8 +334,21 @@ def train_and_evaluate(config, workdir: str):
   return state
 
 
+def quiet_library_logs():
+  """Orbax and grain log every save/restore at INFO; keep their warnings, drop the rest."""
+  import logging as std_logging
+
+  class Quiet(std_logging.Filter):
+    def filter(self, record):
+      noisy = any(s in record.pathname for s in ("/orbax/", "/grain/", "/jax/_src/"))
+      return record.levelno >= std_logging.WARNING or not noisy
+
+  logging.get_absl_handler().addFilter(Quiet())
+
+
 def main(argv):
   del argv
+  quiet_library_logs()
   flags.mark_flags_as_required(["config", "workdir"])
   initialize_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
                          flags.FLAGS.process_id)
