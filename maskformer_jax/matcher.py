@@ -43,7 +43,45 @@ def _row(c, i):
   return jnp.take_along_axis(c, i[:, None, None], axis=1)[:, 0]
 
 
-def _solve(c, valid):
+def _auction_start(c, valid, rounds):
+  """A few Jacobi auction rounds with zero margin (JV's "augmenting row reduction", all free rows at once).
+
+  Each free row bids for its cheapest column (reduced by v) and raises its price by the gap to its second
+  cheapest; the highest bid wins and the previous owner is freed. This keeps what the augmenting-path
+  phase needs -- every assigned row sits on a column of minimum reduced cost, v <= 0, v = 0 on free
+  columns -- while settling most rows in a few wide [B, M, N] steps. Without a margin it can cycle on ties,
+  hence a fixed number of rounds; the exact phase finishes whatever is left.
+  """
+  bsz, m, n = c.shape
+  inf = jnp.array(jnp.inf, c.dtype)
+  ar_m = jnp.arange(m, dtype=jnp.int32)
+  ar_n = jnp.arange(n, dtype=jnp.int32)
+  v = jnp.zeros((bsz, n), c.dtype)
+  col4row = jnp.full((bsz, m), -1, jnp.int32)
+  row4col = jnp.full((bsz, n), -1, jnp.int32)
+  lower = (ar_m[None, :] < ar_m[:, None])[None]  # [1, i, i']: i' < i
+  for _ in range(rounds):
+    free = valid & (col4row < 0)
+    w = c - v[:, None, :]
+    w1 = w.min(axis=2)
+    j1 = _first(w == w1[:, :, None])
+    w2 = jnp.where(ar_n == j1[:, :, None], inf, w).min(axis=2)
+    inc = jnp.where(w2 < inf, w2 - w1, 0.0)
+    # Among free rows bidding for one column the largest raise wins (the lowest row on ties).
+    rival = (j1[:, :, None] == j1[:, None, :]) & free[:, None, :]
+    better = (inc[:, None, :] > inc[:, :, None]) | ((inc[:, None, :] == inc[:, :, None]) & lower)
+    win = free & ~(rival & better).any(axis=2)
+    bids = (j1[:, None, :] == ar_n[:, None]) & win[:, None, :]  # [B, N, M]
+    owner = jnp.max(jnp.where(bids, ar_m, -1), axis=2)
+    taken = owner >= 0
+    v = v - jnp.sum(jnp.where(bids, inc[:, None, :], 0.0), axis=2)
+    lost = (col4row >= 0) & jnp.take_along_axis(taken, jnp.maximum(col4row, 0), axis=1)
+    col4row = jnp.where(win, j1, jnp.where(lost, -1, col4row))
+    row4col = jnp.where(taken, owner, row4col)
+  return v, col4row, row4col
+
+
+def _solve(c, valid, rounds=1):
   """Shortest augmenting paths (Jonker-Volgenant / scipy's LAPJV variant) for c [B, M, N], M <= N.
 
   Rows are targets, columns queries. Every image runs its own state machine and all images advance
@@ -59,14 +97,7 @@ def _solve(c, valid):
   ar_m = jnp.arange(m, dtype=jnp.int32)
   ar_n = jnp.arange(n, dtype=jnp.int32)
 
-  # Start: u = row minimum, v = 0, and each valid row takes its argmin column unless a lower row did
-  # (a feasible, complementary-slack partial assignment). Only the losers need a search.
-  rmin = c.min(axis=2)
-  a = _first(c == rmin[:, :, None])
-  clash = (a[:, :, None] == a[:, None, :]) & valid[:, None, :] & (ar_m[None, :] < ar_m[:, None])[None]
-  win = valid & ~clash.any(axis=2)
-  col4row = jnp.where(win, a, -1)
-  row4col = jnp.max(jnp.where((a[:, :, None] == ar_n) & win[:, :, None], ar_m[None, :, None], -1), axis=1)
+  v, col4row, row4col = _auction_start(c, valid, rounds)
 
   def next_root(col4row):
     r = _first(valid & (col4row < 0))
@@ -75,9 +106,10 @@ def _solve(c, valid):
   cur, active = next_root(col4row)
   zb = jnp.zeros((bsz,), dtype)
   state = dict(
-      v=jnp.zeros((bsz, n), dtype), col4row=col4row, row4col=row4col,
+      v=v, col4row=col4row, row4col=row4col,
       cur=cur,  # root row of the current search
       i=cur,  # row scanned next
+      ci=_row(c, cur),  # its costs
       ui=zb,  # its dual u (0 for a root: a constant offset of all distances)
       active=active,  # the image still has free valid rows
       aug=jnp.zeros((bsz,), bool),  # walking an augmenting path back to the root
@@ -92,7 +124,7 @@ def _solve(c, valid):
     sc = s["sc"]
     # Dijkstra: relax row i against every unscanned column, then settle the closest column
     # (preferring a free one on ties, as scipy does, so searches end early).
-    r = (s["minval"] - s["ui"])[:, None] + _row(c, s["i"]) - s["v"]
+    r = (s["minval"] - s["ui"])[:, None] + s["ci"] - s["v"]
     upd = search[:, None] & ~sc & (r < s["spc"])
     spc = jnp.where(upd, r, s["spc"])
     path = jnp.where(upd, s["i"][:, None], s["path"])
@@ -106,8 +138,6 @@ def _solve(c, valid):
     cont = search & (nxt >= 0)
     minval = jnp.where(search, lowest, s["minval"])
     sc = sc | (hit & search[:, None])
-    ui = jnp.where(cont, _pick(_row(c, jnp.maximum(nxt, 0)) - s["v"], hit), s["ui"])
-    i = jnp.where(cont, nxt, s["i"])
     # Free column reached: update v of the settled columns (u stays implicit), then walk back.
     v = jnp.where(sink[:, None] & sc, s["v"] - (minval[:, None] - spc), s["v"])
     aug = s["aug"] | sink
@@ -123,9 +153,12 @@ def _solve(c, valid):
     aug = aug & ~done
     # Path complete: start the next free row.
     root, more = next_root(col4row)
+    i = jnp.where(cont, nxt, jnp.where(done, root, s["i"]))
+    ci = _row(c, i)  # one gather serves the next scan and the implicit u of a reached row
+    ui = jnp.where(cont, _pick(ci - v, hit), jnp.where(done, 0.0, s["ui"]))
     return dict(
         v=v, col4row=col4row, row4col=row4col, cur=jnp.where(done, root, s["cur"]),
-        i=jnp.where(done, root, i), ui=jnp.where(done, 0.0, ui),
+        i=i, ci=ci, ui=ui,
         active=jnp.where(done, more, s["active"]), aug=aug, jaug=jaug,
         spc=jnp.where(done[:, None], inf, spc), path=path, sc=sc & ~done[:, None],
         minval=jnp.where(done, 0.0, minval), steps=s["steps"] + 1)
