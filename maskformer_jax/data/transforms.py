@@ -2,8 +2,8 @@
 
 Every recipe draws its geometry first (flip, one crop box in the original image, one output size) and
 then touches pixels once: crop the original, one `cv2.resize` (bilinear for the image, nearest for the
-segment map), flip, paste into a zero canvas of the static size (segments -1 there, so the padding mask
-is `segments`-independent and also given by `image_size`). A resize followed by a crop followed by a
+segment map), flip, compact the segments present into slots (on the content only), paste into a zero
+canvas of the static size (segments -1 there: the padding mask is also given by `image_size`). A resize followed by a crop followed by a
 resize (the DETR recipe) is thus one resize of a crop of the original, same geometry, a third the work.
 
 Sizes follow detectron2's MaskFormer/Mask2Former mappers (../shared/SPEC.md section 3) for the original
@@ -34,8 +34,8 @@ def _fit(size, canvas):
       if s < 1.0 else (h, w)
 
 
-def render(image, segments, box, out_hw, canvas, flip):
-  """Crop `box` (y0, x0, y1, x1) of the original, resize to out_hw, flip, paste top-left in canvas."""
+def crop_resize(image, segments, box, out_hw, flip):
+  """Crop `box` (y0, x0, y1, x1) of the original, resize to out_hw (bilinear / nearest), flip."""
   y0, x0, y1, x1 = box
   img, seg = image[y0:y1, x0:x1], segments[y0:y1, x0:x1]
   oh, ow = out_hw
@@ -44,10 +44,15 @@ def render(image, segments, box, out_hw, canvas, flip):
     seg = cv2.resize(seg, (ow, oh), interpolation=cv2.INTER_NEAREST_EXACT)
   if flip:
     img, seg = img[:, ::-1], seg[:, ::-1]
+  return img, seg
+
+
+def pad(img, seg, canvas):
+  """Paste top-left into a zero image / -1 segment canvas of the static size."""
   out_img = np.zeros((*canvas, 3), np.uint8)
   out_seg = np.full(canvas, -1, np.int32)
-  out_img[:oh, :ow] = img
-  out_seg[:oh, :ow] = seg
+  out_img[:img.shape[0], :img.shape[1]] = img
+  out_seg[:seg.shape[0], :seg.shape[1]] = seg
   return out_img, out_seg
 
 
@@ -147,22 +152,28 @@ def finalize(segments, seg_labels, max_instances, num_classes):
   (num_classes for unused slots), valid bool [M], overflow count).
   """
   n = len(seg_labels)
-  counts = np.bincount(segments.ravel() + 1, minlength=n + 1)[1:]
+  shifted = segments.ravel() + 1
+  counts = np.bincount(shifted, minlength=n + 1)[1:]
   present = np.flatnonzero(counts)
   overflow = max(0, len(present) - max_instances)
   if overflow:  # the largest M, ties to the lower index; keep dataset order among them
     present = np.sort(present[np.argsort(-counts[present], kind="stable")[:max_instances]])
-  lut = np.full(n + 1, -1, np.int32)
-  lut[present + 1] = np.arange(len(present), dtype=np.int32)
   labels = np.full(max_instances, num_classes, np.int32)
   labels[:len(present)] = np.asarray(seg_labels, np.int32)[present]
   valid = np.zeros(max_instances, bool)
   valid[:len(present)] = True
-  return lut[segments + 1], labels, valid, overflow
+  if len(present) == n:  # every segment kept, in order: the map is already compact
+    return np.ascontiguousarray(segments, np.int32), labels, valid, overflow
+  lut = np.full(n + 1, -1, np.int32)
+  lut[present + 1] = np.arange(len(present), dtype=np.int32)
+  return lut[shifted].reshape(segments.shape), labels, valid, overflow
 
 
-def _example(img, seg, ex, out_hw, max_instances, num_classes):
+def _example(img, seg, ex, canvas, max_instances, num_classes):
+  """Content-sized image and segments -> the static example (slots compacted before padding)."""
+  out_hw = img.shape[:2]
   seg, labels, valid, overflow = finalize(seg, ex["seg_labels"], max_instances, num_classes)
+  img, seg = pad(img, seg, canvas)
   out = {"image": img, "segments": seg, "labels": labels, "valid": valid,
          "image_size": np.array(out_hw, np.int32),
          "orig_size": np.array(ex["image"].shape[:2], np.int32),
@@ -176,10 +187,10 @@ def train_example(ex, rng, *, recipe, canvas, max_instances, num_classes):
     raise ValueError(f"unknown data.recipe {recipe!r}; expected one of {RECIPES}")
   canvas = tuple(int(c) for c in canvas)
   box, out_hw, flip = GEOMETRY[recipe](rng, ex["image"].shape[:2], canvas)
-  img, seg = render(ex["image"], ex["segments"], box, out_hw, canvas, flip)
+  img, seg = crop_resize(ex["image"], ex["segments"], box, out_hw, flip)
   if recipe == "ade20k":
-    img[:out_hw[0], :out_hw[1]] = color_aug_ssd(img[:out_hw[0], :out_hw[1]], rng)
-  return _example(img, seg, ex, out_hw, max_instances, num_classes)
+    img = color_aug_ssd(np.ascontiguousarray(img), rng)
+  return _example(img, seg, ex, canvas, max_instances, num_classes)
 
 
 def eval_example(ex, *, canvas, min_size, max_size, max_instances, num_classes):
@@ -187,8 +198,8 @@ def eval_example(ex, *, canvas, min_size, max_size, max_instances, num_classes):
   canvas = tuple(int(c) for c in canvas)
   h, w = ex["image"].shape[:2]
   out_hw = _fit(shortest_edge_size(h, w, min_size, max_size), canvas)
-  img, seg = render(ex["image"], ex["segments"], (0, 0, h, w), out_hw, canvas, False)
-  return _example(img, seg, ex, out_hw, max_instances, num_classes)
+  img, seg = crop_resize(ex["image"], ex["segments"], (0, 0, h, w), out_hw, False)
+  return _example(img, seg, ex, canvas, max_instances, num_classes)
 
 
 def padding_example(canvas, max_instances, num_classes):
