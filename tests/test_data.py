@@ -202,6 +202,7 @@ def _bad_entries():
   return {
       "corrupt_jpeg": (dict(good, image=b"\xff\xd8\xff\xe0 not a jpeg" * 10), "unreadable_image"),
       "truncated_jpeg": (dict(good, image=jpeg[:len(jpeg) // 2]), "unreadable_image"),
+      "jpeg_without_tail": (dict(good, image=jpeg[:-40]), "unreadable_image"),
       "truncated_png": (dict(good, png=png[:len(png) // 2]), "unreadable_image"),
       "missing_image": (dict(good, image=None), "missing_file"),
       "missing_png": (dict(good, png=None), "missing_file"),
