@@ -186,6 +186,24 @@ def test_pq_matches_panopticapi_definition_with_void_and_crowd(seed):
   check_against_peer(acc, stats)
 
 
+def test_unlisted_gt_ids_are_neither_segments_nor_void():
+  """A gt PNG id missing from segments_info: panopticapi skips it in matching and, unlike VOID, it does
+  not excuse a prediction from being a false positive."""
+  rng = np.random.default_rng(5)
+  acc, stats = PQAccumulator(CATEGORIES), {}
+  for _ in range(6):
+    gt_map, gt_info, pred_map, pred_info = random_pair(rng)
+    listed = gt_info[1:]  # the first segment's pixels keep their id but are unlisted
+    acc.add(pred_map, pred_info, gt_map, listed)
+    panopticapi_image(stats, gt_map, listed, pred_map, pred_info)
+  check_against_peer(acc, stats)
+  gt = np.full((4, 4), 9)
+  pred = np.full((4, 4), 3)
+  acc = PQAccumulator(CATEGORIES)
+  acc.add(pred, [dict(id=3, category_id=1)], gt, [])
+  assert acc.state()[2].sum() == 1  # a FP: id 9 is not VOID
+
+
 def test_state_merge_equals_single_pass():
   rng = np.random.default_rng(3)
   pairs = [random_pair(rng) for _ in range(6)]

@@ -22,9 +22,55 @@ from maskformer_jax.evaluation import id2rgb  # noqa: E402
 from maskformer_jax.tools import pq_compute as tool  # noqa: E402
 
 
+def peer_image(stats, pan_gt, gt_info, pan_pred, pred_info, categories):
+  """panopticapi's pq_compute_single_core body for one image (gt areas from the JSON)."""
+  offset, void = 256 * 256 * 256, 0
+  gt_segms = {el["id"]: dict(el) for el in gt_info}
+  pred_segms = {el["id"]: dict(el) for el in pred_info}
+  labels, counts = np.unique(pan_pred, return_counts=True)
+  for label, cnt in zip(labels, counts):
+    if label == void:
+      continue
+    assert pred_segms[label]["category_id"] in categories
+    pred_segms[label]["area"] = cnt
+  pairs = {}
+  labels, counts = np.unique(pan_gt.astype(np.uint64) * offset + pan_pred.astype(np.uint64), return_counts=True)
+  for label, inter in zip(labels, counts):
+    pairs[(int(label // offset), int(label % offset))] = inter
+  gt_matched, pred_matched = set(), set()
+  for (g, p), inter in pairs.items():
+    if g not in gt_segms or p not in pred_segms or gt_segms[g]["iscrowd"] == 1:
+      continue
+    if gt_segms[g]["category_id"] != pred_segms[p]["category_id"]:
+      continue
+    iou = inter / (pred_segms[p]["area"] + gt_segms[g]["area"] - inter - pairs.get((void, p), 0))
+    if iou > 0.5:
+      st = stats.setdefault(gt_segms[g]["category_id"], [0.0, 0, 0, 0])
+      st[0] += iou
+      st[1] += 1
+      gt_matched.add(g)
+      pred_matched.add(p)
+  crowd = {}
+  for g, info in gt_segms.items():
+    if g in gt_matched:
+      continue
+    if info["iscrowd"] == 1:
+      crowd[info["category_id"]] = g
+      continue
+    stats.setdefault(info["category_id"], [0.0, 0, 0, 0])[3] += 1
+  for p, info in pred_segms.items():
+    if p in pred_matched:
+      continue
+    inter = pairs.get((void, p), 0)
+    if info["category_id"] in crowd:
+      inter += pairs.get((crowd[info["category_id"]], p), 0)
+    if inter / info["area"] > 0.5:
+      continue
+    stats.setdefault(info["category_id"], [0.0, 0, 0, 0])[2] += 1
+
+
 def peer_pq_compute(gt_json_file, gt_dir, pred_json_file, pred_dir):
   """panopticapi's pq_compute on one core: np.unique over gt * 256^3 + pred, then dict loops per pair."""
-  offset, void = 256 * 256 * 256, 0
   gt, pred = json.load(open(gt_json_file)), json.load(open(pred_json_file))
   categories = {c["id"]: c for c in gt["categories"]}
   pred_by_image = {a["image_id"]: a for a in pred["annotations"]}
@@ -36,48 +82,7 @@ def peer_pq_compute(gt_json_file, gt_dir, pred_json_file, pred_dir):
       return rgb[:, :, 0] + 256 * rgb[:, :, 1] + 256 * 256 * rgb[:, :, 2]
     pan_gt = read(os.path.join(gt_dir, gt_ann["file_name"]))
     pan_pred = read(os.path.join(pred_dir, pred_ann["file_name"]))
-    gt_segms = {el["id"]: dict(el) for el in gt_ann["segments_info"]}
-    pred_segms = {el["id"]: dict(el) for el in pred_ann["segments_info"]}
-    labels, counts = np.unique(pan_pred, return_counts=True)
-    for label, cnt in zip(labels, counts):
-      if label == void:
-        continue
-      assert pred_segms[label]["category_id"] in categories
-      pred_segms[label]["area"] = cnt
-    pairs = {}
-    labels, counts = np.unique(pan_gt.astype(np.uint64) * offset + pan_pred.astype(np.uint64), return_counts=True)
-    for label, inter in zip(labels, counts):
-      pairs[(int(label // offset), int(label % offset))] = inter
-    gt_matched, pred_matched = set(), set()
-    for (g, p), inter in pairs.items():
-      if g not in gt_segms or p not in pred_segms or gt_segms[g]["iscrowd"] == 1:
-        continue
-      if gt_segms[g]["category_id"] != pred_segms[p]["category_id"]:
-        continue
-      iou = inter / (pred_segms[p]["area"] + gt_segms[g]["area"] - inter - pairs.get((void, p), 0))
-      if iou > 0.5:
-        st = stats.setdefault(gt_segms[g]["category_id"], [0.0, 0, 0, 0])
-        st[0] += iou
-        st[1] += 1
-        gt_matched.add(g)
-        pred_matched.add(p)
-    crowd = {}
-    for g, info in gt_segms.items():
-      if g in gt_matched:
-        continue
-      if info["iscrowd"] == 1:
-        crowd[info["category_id"]] = g
-        continue
-      stats.setdefault(info["category_id"], [0.0, 0, 0, 0])[3] += 1
-    for p, info in pred_segms.items():
-      if p in pred_matched:
-        continue
-      inter = pairs.get((void, p), 0)
-      if info["category_id"] in crowd:
-        inter += pairs.get((crowd[info["category_id"]], p), 0)
-      if inter / info["area"] > 0.5:
-        continue
-      stats.setdefault(info["category_id"], [0.0, 0, 0, 0])[2] += 1
+    peer_image(stats, pan_gt, gt_ann["segments_info"], pan_pred, pred_ann["segments_info"], categories)
   cats = list(categories.values())
   out = {name: panopticapi_average(stats, cats, isthing)[0]
          for name, isthing in (("All", None), ("Things", True), ("Stuff", False))}
@@ -200,20 +205,39 @@ def bench(n_images=100, shape=(480, 640), n_segments=40, workers=(1, 2)):
     pred_info = [dict(id=int(pred_ids[s]), category_id=int(pred_cat[s])) for s in present]
     gt_map = np.where(rng.random(shape) < 0.02, 0, gt_ids[cells])
     pairs.append((gt_map, [s for s in gt_info if (gt_map == s["id"]).any()], pred_ids[pcells], pred_info))
+  from maskformer_jax.evaluation import PQAccumulator
+  arrays = [(g.astype(np.uint32), [dict(s, area=int((g == s["id"]).sum())) for s in gi], p.astype(np.uint32), pi)
+            for g, gi, p, pi in pairs]  # gt areas in the JSON, as in COCO
+  cats = {c["id"]: c for c in CATEGORIES}
+  t = time.perf_counter()
+  for g, gi, p, pi in arrays:
+    peer_image({}, g, gi, p, pi, cats)
+  t_peer_mem = time.perf_counter() - t
+  acc = PQAccumulator(CATEGORIES)
+  t = time.perf_counter()
+  for g, gi, p, pi in arrays:
+    acc.add(p, pi, g, gi)
+  t_tool_mem = time.perf_counter() - t
+  print(f"in memory (no PNG decoding): panopticapi peer {1e3 * t_peer_mem / n_images:.1f} ms/image, "
+        f"PQAccumulator.add {1e3 * t_tool_mem / n_images:.1f} ms/image")
   with tempfile.TemporaryDirectory() as root:
     paths = write_set(root, pairs)
     t = time.perf_counter()
     want, _ = peer_pq_compute(*paths)
     t_peer = time.perf_counter() - t
-    times = {}
-    for w in workers:
+    t = time.perf_counter()
+    assert_same(tool.pq_compute(*paths), want)
+    times = {"in-process": time.perf_counter() - t}
+    for w in workers:  # the CLI in a fresh interpreter (spawned workers re-import only the tool)
       t = time.perf_counter()
-      got = tool.pq_compute(*paths, workers=w)
-      times[w] = time.perf_counter() - t
-      assert_same(got, want)
+      subprocess.run([sys.executable, "-m", "maskformer_jax.tools.pq_compute", "--workers", str(w),
+                      "--out", os.path.join(root, "r.json")] + cli_args(paths), check=True, capture_output=True)
+      times[f"CLI {w} worker(s)"] = time.perf_counter() - t
+      saved = json.load(open(os.path.join(root, "r.json")))
+      assert saved["All"]["pq"] == pytest.approx(want["All"]["pq"], abs=1e-12)
   print(f"{n_images} images {shape}, {n_segments} segments: panopticapi peer {t_peer:.2f} s "
         f"({1e3 * t_peer / n_images:.1f} ms/image); tool " +
-        ", ".join(f"{w} worker(s) {s:.2f} s ({1e3 * s / n_images:.1f} ms/image)" for w, s in times.items()))
+        ", ".join(f"{w} {s:.2f} s ({1e3 * s / n_images:.1f} ms/image)" for w, s in times.items()))
 
 
 def _blocks(rng, shape, n):

@@ -58,13 +58,17 @@ class PQAccumulator:
     g_crowd = np.array([bool(s.get("iscrowd", 0)) for s in gt_segments_info], bool)
     ng, npred = len(g_ids), len(p_ids)
 
-    # Compact indices. gt: 0 VOID, 1..ng segments, ng+1 other ids; pred: 0 VOID, 1..npred segments.
-    g_idx = _lookup(gt_map.reshape(-1), g_ids, unknown=ng + 1)
-    p_idx = _lookup(pred_map.reshape(-1), p_ids, unknown=-1)
-    if (p_idx < 0).any():
-      bad = np.unique(pred_map.reshape(-1)[p_idx < 0])
+    # Compact codes: 0 an id not in segments_info, 1 VOID, 2.. the listed segments (in order).
+    g_code = _lookup(gt_map.reshape(-1), g_ids)
+    p_code = _lookup(pred_map.reshape(-1), p_ids)
+    g_code *= npred + 2
+    g_code += p_code
+    full = np.bincount(g_code, minlength=(ng + 2) * (npred + 2)).reshape(ng + 2, npred + 2)
+    if full[:, 0].any():
+      bad = np.unique(pred_map.reshape(-1)[p_code == 0])
       raise KeyError(f"segment ids in the prediction PNG but not in its segments_info: {bad[:10].tolist()}")
-    inter = np.bincount(g_idx * (npred + 1) + p_idx, minlength=(ng + 2) * (npred + 1)).reshape(ng + 2, npred + 1)
+    # Rows: 0 VOID, 1..ng segments, ng+1 unlisted gt ids (ignored); columns: 0 VOID, 1..npred segments.
+    inter = np.concatenate([full[1:], full[:1]])[:, 1:]
     p_area = inter.sum(0)[1:]
     if (p_area == 0).any():
       raise KeyError(f"segments in the prediction JSON but not in its PNG: {p_ids[p_area == 0].tolist()}")
@@ -130,7 +134,9 @@ def _as_ids(m):
   m = np.asarray(m)
   if m.ndim == 3 and m.shape[-1] == 3 and m.dtype == np.uint8:
     return rgb2id(m)
-  return m.astype(np.int64)
+  if not np.issubdtype(m.dtype, np.integer):
+    raise TypeError(f"id maps must be integer, got {m.dtype}")
+  return m
 
 
 def rgb2id(rgb):
@@ -145,11 +151,31 @@ def id2rgb(ids):
   return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)
 
 
-def _lookup(values, keys, *, unknown):
-  """values -> 1 + position in keys; VOID -> 0; absent -> unknown."""
-  if len(keys) == 0:
-    return np.where(values == VOID, 0, unknown).astype(np.int64)
-  order = np.argsort(keys)
-  pos = np.minimum(np.searchsorted(keys[order], values), len(keys) - 1)
-  hit = keys[order][pos] == values
-  return np.where(hit, order[pos] + 1, np.where(values == VOID, 0, unknown)).astype(np.int64)
+_LUT_SIZE = 1 << 24  # every id a COCO PNG can hold
+_lut = None
+
+
+def _lookup(values, keys):
+  """values -> codes (intp): 1 VOID, 2 + position in keys, 0 anything else.
+
+  Ids below 2**24 go through one dense table (allocated once; the zero pages that the few ids in use
+  do not touch cost nothing; reset after each call): one gather per pixel, no sort, no binary search."""
+  global _lut
+  keys = np.asarray(keys, np.int64)
+  if (keys == VOID).any():
+    raise ValueError("segment id 0 is VOID")
+  big = values.size and ((values.dtype.kind == "i" and values.min() < 0) or values.max() >= _LUT_SIZE)
+  if big or (keys >= _LUT_SIZE).any():
+    order = np.argsort(keys)
+    pos = np.minimum(np.searchsorted(keys[order], values), max(len(keys) - 1, 0))
+    hit = (keys[order][pos] == values) if len(keys) else np.zeros(values.shape, bool)
+    return np.where(hit, order[pos] + 2, np.where(values == VOID, 1, 0)).astype(np.intp)
+  if _lut is None:
+    _lut = np.zeros(_LUT_SIZE, np.intp)
+  _lut[keys] = np.arange(2, len(keys) + 2)
+  _lut[VOID] = 1
+  try:
+    return _lut[values]
+  finally:
+    _lut[keys] = 0
+    _lut[VOID] = 0

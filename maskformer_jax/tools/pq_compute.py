@@ -21,9 +21,13 @@ from maskformer_jax.evaluation.pq import PQAccumulator
 
 
 def read_id_png(path):
-  """COCO panoptic PNG -> int64 id map (R + 256 G + 256^2 B)."""
-  rgb = np.asarray(Image.open(path).convert("RGB"), np.uint32)
-  return (rgb[..., 0] + (rgb[..., 1] << 8) + (rgb[..., 2] << 16)).astype(np.int64)
+  """COCO panoptic PNG -> uint32 id map (R + 256 G + 256^2 B)."""
+  with Image.open(path) as im:
+    rgb = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+  ids = rgb[..., 0].astype(np.uint32)
+  ids |= rgb[..., 1].astype(np.uint32) << 8
+  ids |= rgb[..., 2].astype(np.uint32) << 16
+  return ids
 
 
 def _pairs(gt, pred):
