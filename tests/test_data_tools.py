@@ -59,3 +59,15 @@ def test_synthetic_cli(tmp_path):
   assert len(list((tmp_path / "train2017").iterdir())) == 3
   png = np.asarray(Image.open(tmp_path / "panoptic_val2017" / "000000000005.png"))
   assert png.shape == (40, 56, 3)
+
+
+def test_check_ade20k(tmp_path):
+  from test_data import write_ade
+  lab = np.zeros((8, 10), np.uint8)
+  lab[:4] = 5
+  root = write_ade(tmp_path, [lab, np.full((8, 10), 200, np.uint8), np.zeros((8, 10), np.uint8)])
+  c = base_config()
+  c.data.dataset, c.data.root, c.model.num_classes = "ade20k", str(root), 150
+  out = io.StringIO()
+  assert check.check_split(c, "validation", out=out) == {"unknown_category": 1, "no_segments": 1}
+  assert "ADE_val_00000002.png" in out.getvalue()

@@ -59,9 +59,10 @@ class Ade20kSource:
     image_dir = self.root / "images" / split
     if not image_dir.exists():
       raise FileNotFoundError(f"{image_dir} not found (expected ADEChallengeData2016/images/{split})")
-    self._stems = sorted(p.name.rsplit(".", 1)[0] for p in image_dir.iterdir()
-                         if p.name.lower().endswith((".jpg", ".jpeg", ".png")))
-    self._exts = {p.name.rsplit(".", 1)[0]: p.name for p in image_dir.iterdir()}
+    names = [p.name for p in image_dir.iterdir()  # one listing (a gs:// listing is slow)
+             if p.name.lower().endswith((".jpg", ".jpeg", ".png"))]
+    self._exts = {n.rsplit(".", 1)[0]: n for n in names}
+    self._stems = sorted(self._exts)
     nums = [re.findall(r"\d+", s) for s in self._stems]
     ids = [int(n[-1]) if n else i + 1 for i, n in enumerate(nums)]
     if len(set(ids)) != len(ids):  # file numbers not unique: fall back to positions
