@@ -294,3 +294,34 @@ def test_ade20k_one_target_per_class_ignore_excluded(tmp_path):
   assert src[1] == {"image_id": 2, "skip": "unknown_category"}
   with pytest.raises(BadInputError, match="ADE_val_00000002.png: unknown_category"):
     Ade20kSource(root, "validation", bad_input="raise")[1]
+
+
+@pytest.mark.slow  # ~20 s: compiles the criterion and the matcher
+def test_empty_images_give_finite_loss_downstream(tmp_path):
+  """A batch of images without segments plus padding examples: the criterion and its gradient stay
+  finite (no target anywhere, num_masks clamped to 1)."""
+  import jax
+  import jax.numpy as jnp
+  from maskformer_jax import criterion
+  root = write_coco(tmp_path, [{"id": i, "image": _jpeg(np.zeros((8, 10, 3), np.uint8)),
+                                "png": _png(id_to_rgb(np.zeros((8, 10), np.int32))),
+                                "segments_info": []} for i in (1, 2)])
+  c = base_config()
+  c.data.root, c.model.num_classes, c.data.max_instances, c.data.num_workers = str(root), 4, 3, 0
+  c.data.eval_size, c.data.eval_min_size, c.data.eval_max_size = (16, 16), 8, 16
+  c.eval.batch_size = 4
+  (batch,) = list(pipeline.make_loader(c, "val2017", train=False, seed=0, shard_index=0,
+                                       shard_count=1))
+  assert batch["image_id"].tolist() == [1, 2, -1, -1] and not batch["valid"].any()
+  rng = np.random.default_rng(0)
+  outputs = {"pred_logits": jnp.asarray(rng.normal(size=(4, 5, 5)), jnp.float32),
+             "pred_masks": jnp.asarray(rng.normal(size=(4, 5, 4, 4)), jnp.float32)}
+  b = {k: jnp.asarray(batch[k]) for k in ("segments", "labels", "valid")}
+
+  def loss(o):
+    return criterion.set_criterion(o, b, c.loss, num_masks=criterion.num_masks(b),
+                                   rng=jax.random.key(0))[0]
+
+  value, grads = jax.value_and_grad(loss)(outputs)
+  assert np.isfinite(float(value))
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
