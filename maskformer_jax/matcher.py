@@ -56,9 +56,10 @@ def _auction_start(c, valid, rounds):
   inf = jnp.array(jnp.inf, c.dtype)
   ar_m = jnp.arange(m, dtype=jnp.int32)
   ar_n = jnp.arange(n, dtype=jnp.int32)
-  v = jnp.zeros((bsz, n), c.dtype)
-  col4row = jnp.full((bsz, m), -1, jnp.int32)
-  row4col = jnp.full((bsz, n), -1, jnp.int32)
+  zero_n = jnp.zeros_like(c[:, 0, :])  # built from c so that under shard_map it varies like c
+  v = zero_n
+  col4row = jnp.zeros_like(c[:, :, 0], jnp.int32) - 1
+  row4col = zero_n.astype(jnp.int32) - 1
   lower = (ar_m[None, :] < ar_m[:, None])[None]  # [1, i, i']: i' < i
   for _ in range(rounds):
     free = valid & (col4row < 0)
@@ -104,7 +105,8 @@ def _solve(c, valid, rounds=1):
     return jnp.minimum(r, m - 1), r < m
 
   cur, active = next_root(col4row)
-  zb = jnp.zeros((bsz,), dtype)
+  zero_n = jnp.zeros_like(c[:, 0, :])  # loop-carry starts derived from c: shard_map-varying like it
+  zb = zero_n[:, 0]
   state = dict(
       v=v, col4row=col4row, row4col=row4col,
       cur=cur,  # root row of the current search
@@ -112,11 +114,11 @@ def _solve(c, valid, rounds=1):
       ci=_row(c, cur),  # its costs
       ui=zb,  # its dual u (0 for a root: a constant offset of all distances)
       active=active,  # the image still has free valid rows
-      aug=jnp.zeros((bsz,), bool),  # walking an augmenting path back to the root
-      jaug=jnp.zeros((bsz,), jnp.int32),  # column being re-assigned on that walk
-      spc=jnp.full((bsz, n), inf),  # shortest path cost to each column
-      path=jnp.zeros((bsz, n), jnp.int32),  # predecessor row of each column
-      sc=jnp.zeros((bsz, n), bool),  # scanned columns
+      aug=zb != 0,  # walking an augmenting path back to the root
+      jaug=zb.astype(jnp.int32),  # column being re-assigned on that walk
+      spc=zero_n + inf,  # shortest path cost to each column
+      path=zero_n.astype(jnp.int32),  # predecessor row of each column
+      sc=zero_n != 0,  # scanned columns
       minval=zb, steps=jnp.int32(0))
 
   def step(s):
@@ -245,6 +247,11 @@ def _mm(a, b):
   return jnp.einsum("bqp,bmp->bqm", a, b, precision=jax.lax.Precision.HIGHEST)
 
 
+def matching_points(rng, batch, num_points):
+  """Uniform random points [B, P, 2] in [0, 1] as (x, y), one set per image (Mask2Former's matcher)."""
+  return jax.random.uniform(rng, (batch, num_points, 2), jnp.float32)
+
+
 def matching_costs(pred_logits, pred_masks, labels, target_masks, valid, *, cost_class, cost_mask,
                    cost_dice, alpha=0.25, gamma=2.0, num_points=0, rng=None):
   """Pairwise matching cost [B, Q, M]: class + sigmoid focal + dice, as MaskFormer's matcher.
@@ -268,7 +275,7 @@ def matching_costs(pred_logits, pred_masks, labels, target_masks, valid, *, cost
   if num_points > 0:
     if rng is None:
       raise ValueError("num_points > 0 needs rng")
-    coords = jax.random.uniform(rng, (b, 1, num_points, 2), jnp.float32)
+    coords = matching_points(rng, b, num_points)[:, None]  # shared by all queries and targets
     x = points_lib.point_sample(pred_masks, coords)  # [B, Q, P]
     t = points_lib.point_sample(target_masks, coords)  # [B, M, P]
   else:
