@@ -98,9 +98,9 @@ def lsj_geometry(rng, shape, canvas):
   r = rng.uniform(0.1, 2.0)
   scale = min(r * canvas[0] / h, r * canvas[1] / w)  # ResizeScale
   rh, rw = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
-  ch, cw = min(canvas[0], rh), min(canvas[1], rw)  # FixedSizeCrop: offset uniform in the overflow
-  y0 = int(round(rng.random() * (rh - ch)))
-  x0 = int(round(rng.random() * (rw - cw)))
+  ch, cw = min(canvas[0], rh), min(canvas[1], rw)  # FixedSizeCrop: one uniform draw scales the
+  u = rng.random()                                  # overflow of both axes (as detectron2 does)
+  y0, x0 = int(round(u * (rh - ch))), int(round(u * (rw - cw)))
   return _to_original(y0, x0, ch, cw, rh / h, shape), (ch, cw), flip
 
 
