@@ -38,6 +38,11 @@ def _pick(x, onehot):
   return jnp.max(jnp.where(onehot, x, low), axis=-1)
 
 
+def _at(x, j):
+  """x[b, j[b]] for x [B, K]: a one-element gather per image, which XLA fuses into its consumers."""
+  return jnp.take_along_axis(x, j[:, None], axis=1)[:, 0]
+
+
 def _row(c, i):
   """c[b, i[b], :] for c [B, M, N]."""
   return jnp.take_along_axis(c, i[:, None, None], axis=1)[:, 0]
@@ -100,11 +105,13 @@ def _solve(c, valid, rounds=1):
 
   v, col4row, row4col = _auction_start(c, valid, rounds)
 
-  def next_root(col4row):
-    r = _first(valid & (col4row < 0))
-    return jnp.minimum(r, m - 1), r < m
-
-  cur, active = next_root(col4row)
+  # Augmenting keeps every assigned row assigned, so the roots are the rows left free here, in order:
+  # after_free[b, i] is the first of them after row i (m if none), looked up once per augmentation.
+  free_idx = jnp.where(valid & (col4row < 0), ar_m, m)
+  after_free = jnp.concatenate(
+      [jax.lax.cummin(free_idx, axis=1, reverse=True)[:, 1:], jnp.full_like(free_idx[:, :1], m)], axis=1)
+  first = jnp.min(free_idx, axis=1)
+  cur, active = jnp.minimum(first, m - 1), first < m
   zero_n = jnp.zeros_like(c[:, 0, :])  # loop-carry starts derived from c: shard_map-varying like it
   zb = zero_n[:, 0]
   state = dict(
@@ -135,7 +142,7 @@ def _solve(c, valid, rounds=1):
     key = jnp.where(masked == lowest[:, None], jnp.where(s["row4col"] < 0, ar_n, ar_n + n), 2 * n)
     j = key.min(axis=1) % n
     hit = ar_n == j[:, None]
-    nxt = _pick(s["row4col"], hit)
+    nxt = _at(s["row4col"], j)
     sink = search & (nxt < 0)
     cont = search & (nxt >= 0)
     minval = jnp.where(search, lowest, s["minval"])
@@ -145,19 +152,20 @@ def _solve(c, valid, rounds=1):
     aug = s["aug"] | sink
     jaug = jnp.where(sink, j, s["jaug"])
     ja = ar_n == jaug[:, None]
-    pi = _pick(path, ja)
+    pi = _at(path, jaug)
     row4col = jnp.where(ja & aug[:, None], pi[:, None], s["row4col"])
     ia = ar_m == pi[:, None]
-    old = _pick(s["col4row"], ia)
+    old = _at(s["col4row"], pi)
     col4row = jnp.where(ia & aug[:, None], jaug[:, None], s["col4row"])
     done = aug & (pi == s["cur"])
     jaug = jnp.where(aug, old, jaug)
     aug = aug & ~done
     # Path complete: start the next free row.
-    root, more = next_root(col4row)
+    nxt_root = _at(after_free, s["cur"])
+    root, more = jnp.minimum(nxt_root, m - 1), nxt_root < m
     i = jnp.where(cont, nxt, jnp.where(done, root, s["i"]))
     ci = _row(c, i)  # one gather serves the next scan and the implicit u of a reached row
-    ui = jnp.where(cont, _pick(ci - v, hit), jnp.where(done, 0.0, s["ui"]))
+    ui = jnp.where(cont, _at(ci, j) - _at(v, j), jnp.where(done, 0.0, s["ui"]))
     return dict(
         v=v, col4row=col4row, row4col=row4col, cur=jnp.where(done, root, s["cur"]),
         i=i, ci=ci, ui=ui,
