@@ -1,5 +1,6 @@
 """Weight import: parity with randomly initialised Hugging Face MaskFormers (no download), the "+6 Enc"
 encoder against HF's DETR encoder layer, torchvision ResNet import, the CLI, and clear errors."""
+import functools
 import json
 import math
 import re
@@ -19,7 +20,7 @@ from transformers.models.maskformer.modeling_maskformer import (MaskFormerPixelD
 from maskformer_jax.convert import from_hf, load_converted, load_torchvision_resnet
 from maskformer_jax.convert.hf import HF_IGNORED, abstract_variables, convert_state_dict, hf_key
 from maskformer_jax.models import build_model
-from maskformer_jax.models.backbone import RESNET_STAGES, stage_channels
+from maskformer_jax.models.backbone import RESNET_STAGES, ResNet, stage_channels
 from maskformer_jax.models.transformer_decoder import EncoderLayer
 
 TOL = 1e-4  # max-abs-diff in float32 (the issue's bar)
@@ -77,6 +78,18 @@ def hf_aux_original(hf, out):
   return aux
 
 
+def run(module, variables, x):
+  """Jitted inference: compiling once beats op-by-op dispatch for these deep nets."""
+  return jax.jit(functools.partial(module.apply, train=False))(variables, x)
+
+
+def host_variables(module, seed=0):
+  """Random variables of the model's structure, filled on the host (no init compilation)."""
+  rng = np.random.default_rng(seed)
+  shapes = abstract_variables(module)
+  return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
+
+
 def maxdiff(a, b):
   return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
 
@@ -100,7 +113,7 @@ def test_hf_parity(name):
   hf = make_hf(**kwargs)
   module, variables = from_hf(hf)
   x = images(b, h, w, seed=len(name))
-  out = module.apply(variables, x, train=False)
+  out = run(module, variables, x)
   ref = hf_forward(hf, x)
   k, q = kwargs["labels"], kwargs["queries"]
   assert out["pred_logits"].shape == (b, q, k + 1) and out["pred_logits"].dtype == np.float32
@@ -192,18 +205,19 @@ def test_plus6enc_pixel_decoder_matches_hf_assembled_reference():
   x = images(2, 64, 64, seed=7)
   with torch.no_grad():
     logits, masks = ref_model(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())
-  out = module.apply(variables, x, train=False)
+  out = run(module, variables, x)
   assert maxdiff(out["pred_logits"], logits) <= TOL
   assert maxdiff(out["pred_masks"], masks) <= TOL
 
 
+@pytest.mark.slow
 def test_save_pretrained_dir_and_cli_roundtrip(tmp_path):
   hf = make_hf(depth=18, width=16, hidden=32, heads=4, queries=4, labels=2)
   hf.save_pretrained(tmp_path / "hf")
   module, variables = from_hf(tmp_path / "hf")
   x = images(1, 64, 64)
   ref = hf_forward(hf, x)
-  out = module.apply(variables, x)
+  out = run(module, variables, x)
   assert maxdiff(out["pred_masks"], ref.masks_queries_logits) <= TOL
   res = subprocess.run([sys.executable, "-m", "maskformer_jax.convert", "--hf", str(tmp_path / "hf"),
                         "--out", str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=300)
@@ -211,7 +225,7 @@ def test_save_pretrained_dir_and_cli_roundtrip(tmp_path):
   cfg, loaded = load_converted(tmp_path / "ckpt")
   assert json.load(open(tmp_path / "ckpt" / "config.json"))["model"] == cfg
   assert (cfg["resnet_depth"], cfg["num_queries"], cfg["num_classes"]) == (18, 4, 2)
-  out2 = build_model(cfg).apply(loaded, x)
+  out2 = run(build_model(cfg), loaded, x)
   assert maxdiff(out2["pred_logits"], ref.class_queries_logits) <= TOL
   assert set(loaded) == {"params", "batch_stats"}
 
@@ -307,19 +321,15 @@ def test_torchvision_resnet_import(tmp_path, depth, norm):
                             hidden_dim=32, num_heads=4, dim_feedforward=32, dec_layers=1, num_queries=3,
                             num_classes=2))
   x = images(2, 64, 96, seed=depth)
-  variables = module.init(jax.random.key(0), x)
+  variables = host_variables(module)
   loaded = load_torchvision_resnet(tmp_path / "r.pth", variables)
   # Only the backbone changed; everything else is the caller's.
   assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b), loaded["params"]["pixel_decoder"],
                                    variables["params"]["pixel_decoder"]))
   scale_col = "batch_stats" if norm == "frozen_bn" else "params"
   assert "scale" in loaded[scale_col]["backbone"]["stem"]["bn"]
-  feats = module.apply(loaded, x, method=lambda m, x: m.__class__.__call__.__wrapped__ if False else None) \
-      if False else None
-  from maskformer_jax.models.backbone import ResNet
-  backbone = ResNet(depth, 8, norm)
   bvars = {col: tree["backbone"] for col, tree in loaded.items()}
-  feats = backbone.apply(bvars, x, train=False)
+  feats = run(ResNet(depth, 8, norm), bvars, x)
   with torch.no_grad():
     ref_feats = ref(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())
   for level, r in zip(("res2", "res3", "res4", "res5"), ref_feats):
@@ -336,7 +346,7 @@ def test_torchvision_bad_keys_are_named():
   sd["conv1.weight"] = torch.zeros(8, 3, 3, 3)
   module = build_model(dict(resnet_depth=18, resnet_width=8, conv_dim=32, mask_dim=32, hidden_dim=32,
                             num_heads=4, dec_layers=1, num_queries=2, num_classes=2))
-  variables = module.init(jax.random.key(0), images(1, 64, 64))
+  variables = abstract_variables(module)
   with pytest.raises(ValueError) as e:
     load_torchvision_resnet(sd, variables)
   msg = str(e.value)
@@ -358,7 +368,6 @@ def _count(variables) -> int:
   return n
 
 
-@pytest.mark.slow
 def test_r50_ade20k_parameter_count_matches_hf_and_paper():
   import importlib.util
   import pathlib
