@@ -10,13 +10,14 @@ class of segment id q + 1 (-1: no such segment); `to_coco_panoptic` renumbers id
 Original resolution (`postprocess_to_original`): the original upsamples the stride-4 mask logits to the
 padded input, crops the image content, resizes that crop bilinearly to the original image size and only
 then runs the panoptic inference. The crop size and the original size vary per image, which would mean a
-compilation per size; instead the crop + resize is written as `jax.image.scale_and_translate` with a
-per-image (traced) scale onto a static canvas at least as large as the original, with rows/columns past
-the content edge-replicated so the bilinear samples see exactly what torch's clamped sampling of the crop
-sees. Pixels outside the original extent are masked out of every area and cut away on the host. That is
-exact at the original resolution and compiles once per canvas bucket (multiples of 64), so it is both the
-correct and the fast path; `panoptic_inference(..., out_size=...)` without a crop stays available for
-cheap previews at a static size.
+compilation per size (or a host loop); instead both bilinear steps are written as torch's explicit
+2-tap source indices and weights (`bilinear_taps`), computed from the per-image (traced) sizes, onto a
+static canvas at least as large as the original. Composed, the two steps are 4 gathered taps per axis
+applied to the stride-4 map, so the [Q, H, W] padded-size map is never built (about 10x less work than
+resizing twice with dense interpolation matrices). Pixels outside the original extent are masked out of
+every area and cut away on the host. That is exact at the original resolution and compiles once per
+canvas bucket (multiples of 64), so it is both the correct and the fast path; `panoptic_inference(...,
+out_size=...)` without a crop stays for cheap previews at a static size.
 """
 import functools
 from typing import Any, Optional, Sequence
@@ -26,12 +27,38 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def bilinear_taps(in_size, out_len: int, out_size=None):
+  """Source indices and weights [out_len, 2] of torch's bilinear resize (align_corners=False) of an axis
+  of in_size to out_size (default out_len) samples; sizes may be traced, out_len is static.
+
+  As torch: src = (dst + 0.5) * in / out - 0.5 clamped at 0, neighbours floor(src) and the next one
+  clamped to the last row. Outputs past out_size (canvas padding) get in-range garbage."""
+  in_size = jnp.asarray(in_size, jnp.int32)
+  out_size = jnp.asarray(out_len if out_size is None else out_size, jnp.int32)
+  scale = in_size.astype(jnp.float32) / out_size.astype(jnp.float32)
+  src = jnp.maximum((jnp.arange(out_len, dtype=jnp.float32) + 0.5) * scale - 0.5, 0.0)
+  i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), in_size - 1)
+  i1 = jnp.minimum(i0 + 1, in_size - 1)
+  lam = src - i0.astype(jnp.float32)
+  return jnp.stack([i0, i1], -1), jnp.stack([1.0 - lam, lam], -1)
+
+
+def _apply_taps(x, axis, idx, w):
+  """y[..., i, ...] = sum_t w[i, t] * x[..., idx[i, t], ...] along `axis` (gathers, no dense matrices)."""
+  n, t = idx.shape
+  g = jnp.take(x, idx.reshape(-1), axis=axis)
+  g = g.reshape(g.shape[:axis] + (n, t) + g.shape[axis + 1:])
+  w = w.reshape((n, t) + (1,) * (g.ndim - axis - 2)).astype(x.dtype)
+  return (g * w).sum(axis + 1)
+
+
 def resize_bilinear(x, out_size):
   """Bilinear resize of the last two axes like torch `F.interpolate(align_corners=False)` (no antialias)."""
   out_size = tuple(int(s) for s in out_size)
   if tuple(x.shape[-2:]) == out_size:
     return x
-  return jax.image.resize(x, x.shape[:-2] + out_size, method="linear", antialias=False)
+  x = _apply_taps(x, x.ndim - 2, *bilinear_taps(x.shape[-2], out_size[0]))
+  return _apply_taps(x, x.ndim - 1, *bilinear_taps(x.shape[-1], out_size[1]))
 
 
 def crop_resize(x, content_size, orig_size, canvas):
@@ -40,18 +67,37 @@ def crop_resize(x, content_size, orig_size, canvas):
   Returns ([C, canvas_h, canvas_w], valid bool [canvas_h, canvas_w]); values are meaningful where valid.
   content_size and orig_size are int (h, w) arrays and may be traced.
   """
-  c, h, w = x.shape
-  content_size = jnp.asarray(content_size, jnp.int32)
-  orig_size = jnp.asarray(orig_size, jnp.int32)
-  # Edge-replicate past the content so samples near its far border equal torch's clamp to the crop.
-  rows = jnp.minimum(jnp.arange(h), content_size[0] - 1)
-  cols = jnp.minimum(jnp.arange(w), content_size[1] - 1)
-  x = x[:, rows][:, :, cols]
-  scale = orig_size.astype(jnp.float32) / content_size.astype(jnp.float32)
-  y = jax.image.scale_and_translate(x, (c,) + tuple(canvas), (1, 2), scale, jnp.zeros(2, jnp.float32),
-                                    method="linear", antialias=False)
-  valid = ((jnp.arange(canvas[0])[:, None] < orig_size[0]) & (jnp.arange(canvas[1])[None, :] < orig_size[1]))
-  return y, valid
+  ri, rw = bilinear_taps(content_size[0], canvas[0], orig_size[0])
+  ci, cw = bilinear_taps(content_size[1], canvas[1], orig_size[1])
+  y = _apply_taps(_apply_taps(x, 1, ri, rw), 2, ci, cw)
+  return y, _valid(orig_size, canvas)
+
+
+def _valid(orig_size, canvas):
+  return (jnp.arange(canvas[0])[:, None] < orig_size[0]) & (jnp.arange(canvas[1])[None, :] < orig_size[1])
+
+
+def upsample_crop_resize(x, padded_size, content_size, orig_size, canvas, nonlinearity=None):
+  """The original's `F.interpolate(x, padded)[..., :h, :w]` -> `F.interpolate(., orig)`, for [C, h, w].
+
+  Without a nonlinearity the two bilinear steps compose into 4 taps per axis, applied to the small map
+  directly; with one (applied between the steps, e.g. sigmoid + class mixing for semantic inference) only
+  the padded pixels the second step reads are computed. Either way no [C, H, W] map is materialised."""
+  r1, rw1 = bilinear_taps(x.shape[1], padded_size[0])
+  c1, cw1 = bilinear_taps(x.shape[2], padded_size[1])
+  r2, rw2 = bilinear_taps(content_size[0], canvas[0], orig_size[0])
+  c2, cw2 = bilinear_taps(content_size[1], canvas[1], orig_size[1])
+  if nonlinearity is None:
+    ri, rw = r1[r2].reshape(canvas[0], 4), (rw2[:, :, None] * rw1[r2]).reshape(canvas[0], 4)
+    ci, cw = c1[c2].reshape(canvas[1], 4), (cw2[:, :, None] * cw1[c2]).reshape(canvas[1], 4)
+    return _apply_taps(_apply_taps(x, 1, ri, rw), 2, ci, cw), _valid(orig_size, canvas)
+  rows = r2.reshape(-1)
+  cols = c2.reshape(-1)
+  y = _apply_taps(_apply_taps(x, 1, r1[rows], rw1[rows]), 2, c1[cols], cw1[cols])  # padded pixels read
+  y = nonlinearity(y)
+  y = y.reshape(y.shape[0], canvas[0], 2, canvas[1], 2)
+  y = jnp.einsum("cptqs,pt,qs->cpq", y, rw2.astype(y.dtype), cw2.astype(y.dtype))
+  return y, _valid(orig_size, canvas)
 
 
 def _panoptic_single(logits, masks, valid, is_thing, object_mask_threshold, overlap_threshold, hf_compat):
@@ -64,7 +110,7 @@ def _panoptic_single(logits, masks, valid, is_thing, object_mask_threshold, over
   weighted = score[:, None, None] * mask_probs
   ids = jnp.argmax(jnp.where(keep[:, None, None], weighted, -jnp.inf), axis=0)  # [H, W]
   qs = jnp.arange(num_queries)
-  mask_area = ((ids[None] == qs[:, None, None]) & valid[None]).sum((1, 2))
+  mask_area = jnp.bincount(ids.reshape(-1), weights=valid.reshape(-1).astype(jnp.int32), length=num_queries)
   # HF thresholds the score-weighted probability for the "original area"; the original the plain one.
   orig_area = (((weighted if hf_compat else mask_probs) >= 0.5) & valid[None]).sum((1, 2))
   ratio = mask_area / jnp.maximum(orig_area, 1)
@@ -157,11 +203,14 @@ def _to_original(pred_logits, pred_masks, image_size, orig_size, is_thing, objec
   """Per image (lax.map, so only one image's full-resolution maps are alive at a time)."""
   def one(args):
     logits, masks, content, orig = args
-    up = resize_bilinear(masks, padded_size)  # mask logits at the padded input size
-    if task == "semantic":  # original: inference at the padded size, then crop + resize the scores
-      scores, valid = crop_resize(_semantic_single(logits, up), content, orig, canvas)
+    masks = masks.astype(jnp.float32)
+    if task == "semantic":  # original: scores at the padded size, then crop + resize the scores
+      cls = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[:, :-1]
+      # Resizing is linear, so mixing the classes after the second resize gives the same scores.
+      probs, valid = upsample_crop_resize(masks, padded_size, content, orig, canvas, jax.nn.sigmoid)
+      scores = jnp.einsum("qc,qhw->chw", cls, probs)
       return dict(labels=jnp.argmax(scores, axis=0).astype(jnp.int32), valid=valid)
-    resized, valid = crop_resize(up, content, orig, canvas)
+    resized, valid = upsample_crop_resize(masks, padded_size, content, orig, canvas)
     if task == "panoptic":
       return _panoptic_single(logits, resized, valid, is_thing, object_mask_threshold, overlap_threshold,
                               False)

@@ -1,5 +1,6 @@
 """inference.py against Hugging Face's MaskFormer post-processing, torch's resizing and a plain transcription
 of the original per-query loop (consecutive ids, python dict for the stuff memory)."""
+import jax
 import numpy as np
 import pytest
 import torch
@@ -83,6 +84,22 @@ def test_crop_resize_matches_torch_crop_then_resize(orig):
                        align_corners=False)[0].numpy()
   np.testing.assert_allclose(np.asarray(y)[:, :orig[0], :orig[1]], want, atol=2e-5)
   assert np.asarray(valid).sum() == orig[0] * orig[1] and np.asarray(valid)[:orig[0], :orig[1]].all()
+
+
+@pytest.mark.parametrize("content,orig", [((27, 33), (50, 61)), ((32, 40), (15, 20)), ((20, 40), (20, 40))])
+def test_upsample_crop_resize_matches_torch(content, orig):
+  x = np.random.default_rng(2).normal(size=(3, 8, 10)).astype(np.float32)
+  want = torch_to_original(x, (32, 40), content, orig)
+  y, valid = inference.upsample_crop_resize(x, (32, 40), np.array(content), np.array(orig), (64, 64))
+  np.testing.assert_allclose(np.asarray(y)[:, :orig[0], :orig[1]], want, atol=2e-5)
+  assert np.asarray(valid).sum() == orig[0] * orig[1]
+  # With a nonlinearity between the two resizes (only the padded pixels read are computed).
+  up = F.interpolate(torch.from_numpy(x)[None], size=(32, 40), mode="bilinear", align_corners=False)
+  up = torch.sigmoid(up)[:, :, :content[0], :content[1]]
+  want = F.interpolate(up, size=orig, mode="bilinear", align_corners=False)[0].numpy()
+  y, _ = inference.upsample_crop_resize(x, (32, 40), np.array(content), np.array(orig), (64, 64),
+                                        jax.nn.sigmoid)
+  np.testing.assert_allclose(np.asarray(y)[:, :orig[0], :orig[1]], want, atol=2e-6)
 
 
 @pytest.mark.parametrize("omt,ot", [(0.8, 0.8), (0.3, 0.5)])
