@@ -3,6 +3,8 @@ a converted checkpoint (variables.msgpack + config.json) for config.init.checkpo
 import argparse
 import sys
 
+import jax
+
 from maskformer_jax.convert import from_hf, model_config_from_hf, save_converted
 from maskformer_jax.convert.hf import load_hf
 
@@ -16,7 +18,7 @@ def main(argv=None) -> int:
   _, variables = from_hf(hf)
   cfg = model_config_from_hf(hf.config)
   save_converted(args.out, cfg, variables, source=f"hf:{args.hf}")
-  n = sum(x.size for x in __import__("jax").tree.leaves(variables))
+  n = sum(x.size for x in jax.tree.leaves(variables))
   print(f"wrote {args.out}: {n:,} values; model config {cfg}")
   return 0
 
