@@ -255,7 +255,9 @@ def postprocess_to_original(outputs, batch, *, categories, task: str = "panoptic
       results.append(one["labels"][:h0, :w0])
     else:
       sel = one["valid"]
-      contiguous_to_id = np.array([c["id"] for c in sorted(categories, key=lambda c: c["contiguous_id"])])
+      contiguous_to_id = np.zeros(len(categories), np.int64)
+      for j, c in enumerate(categories):
+        contiguous_to_id[c.get("contiguous_id", j)] = c["id"]
       results.append(dict(masks=one["masks"][sel, :h0, :w0], scores=one["scores"][sel],
                           category_id=contiguous_to_id[one["labels"][sel]]))
   return results
@@ -264,8 +266,8 @@ def postprocess_to_original(outputs, batch, *, categories, task: str = "panoptic
 def is_thing_array(categories):
   """bool [K] indexed by contiguous id, from the dataset's category list."""
   out = np.zeros(len(categories), bool)
-  for c in categories:
-    out[c["contiguous_id"]] = bool(c["isthing"])
+  for i, c in enumerate(categories):
+    out[c.get("contiguous_id", i)] = bool(c.get("isthing", 0))
   return out
 
 
@@ -279,13 +281,13 @@ def to_coco_panoptic(result: dict, categories):
   pan = np.asarray(result["panoptic"])
   seg_class = np.asarray(result["segment_class"])
   score = np.asarray(result["segment_score"])
-  by_contiguous = {c["contiguous_id"]: c for c in categories}
+  by_contiguous = {c.get("contiguous_id", i): c for i, c in enumerate(categories)}
   area = np.bincount(pan.reshape(-1), minlength=len(seg_class) + 1)
   lut = np.zeros(len(seg_class) + 1, np.int32)
   segments_info = []
   for q in np.nonzero((seg_class >= 0) & (area[1:] > 0))[0]:
     lut[q + 1] = len(segments_info) + 1
     cat = by_contiguous[int(seg_class[q])]
-    segments_info.append(dict(id=len(segments_info) + 1, category_id=int(cat["id"]), isthing=bool(cat["isthing"]),
+    segments_info.append(dict(id=len(segments_info) + 1, category_id=int(cat["id"]), isthing=bool(cat.get("isthing", 0)),
                               score=float(score[q]), area=int(area[q + 1])))
   return lut[pan], segments_info

@@ -6,7 +6,7 @@ import torch
 from torchmetrics.classification import MulticlassJaccardIndex
 from torchmetrics.detection import PanopticQuality
 
-from maskformer_jax.evaluation import MIoUAccumulator, PQAccumulator
+from maskformer_jax.evaluation import MIoUAccumulator, PQAccumulator, _from_bytes, sum_across_hosts
 
 THINGS, STUFFS = [1, 2, 5, 7], [9, 12, 20]
 CATEGORIES = [dict(id=c, isthing=1) for c in THINGS] + [dict(id=c, isthing=0) for c in STUFFS]
@@ -217,6 +217,52 @@ def test_state_merge_equals_single_pass():
   np.testing.assert_allclose(merged.state()[0], whole.state()[0], rtol=1e-12)  # IoU sums up to order
   assert merged.result()["All"]["pq"] == pytest.approx(whole.result()["All"]["pq"], rel=1e-12)
   assert whole.state()[1].sum() > 0
+
+
+def test_sum_across_hosts_is_bit_exact():
+  state = np.array([[0.1 + 1e-12, 3.0], [2.0**40 + 1, 7.0]])
+  np.testing.assert_array_equal(sum_across_hosts(state), state)  # one process here
+  # The multi-process path's byte round trip: two "hosts" stacked as process_allgather returns them.
+  raw = np.stack([np.frombuffer(state.tobytes(), np.uint8)] * 2)
+  summed = _from_bytes(raw, state.dtype, state.shape).sum(0)
+  np.testing.assert_array_equal(summed, 2 * state)
+  conf = np.arange(6, dtype=np.int64).reshape(2, 3) + 2**40
+  raw = np.stack([np.frombuffer(conf.tobytes(), np.uint8)])
+  np.testing.assert_array_equal(_from_bytes(raw, conf.dtype, conf.shape)[0], conf)
+
+
+_TWO_HOSTS = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+import jax, numpy as np
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+pid = int(sys.argv[1])
+jax.distributed.initialize("localhost:" + sys.argv[2], num_processes=2, process_id=pid)
+from maskformer_jax.evaluation import PQAccumulator, sum_across_hosts
+acc = PQAccumulator([dict(id=1, isthing=1)])
+acc.add(np.full((4, 4), 5), [dict(id=5, category_id=1)], np.full((4, 4), 2 + pid),
+        [dict(id=2 + pid, category_id=1, area=16 + 4 * pid)])  # IoU 1 on host 0, 0.8 on host 1
+total = PQAccumulator([dict(id=1, isthing=1)])
+total.merge(sum_across_hosts(acc.state()))
+print("RESULT", repr(total.state().tolist()))
+"""
+
+
+def test_sum_across_two_processes():
+  """Two JAX processes (gloo CPU collectives) each add one image; both see the float64 sum."""
+  import socket
+  import subprocess
+  import sys
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    port = str(sock.getsockname()[1])
+  procs = [subprocess.Popen([sys.executable, "-c", _TWO_HOSTS, str(i), port], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=120)[0] for p in procs]
+  want = [[1.0 + 16 / 20], [2.0], [0.0], [0.0]]
+  for out in outs:
+    line = [l for l in out.splitlines() if l.startswith("RESULT")][0]
+    assert eval(line[len("RESULT"):]) == want
 
 
 def test_crowd_and_void_rules_hand_made():
