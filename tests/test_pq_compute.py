@@ -1,7 +1,8 @@
 """The pq_compute tool on small generated COCO-format sets (PNG + JSON) against panopticapi's algorithm
 (transcribed below as the peer, reading PNGs the same way), torchmetrics and hand-computed values.
 
-`python tests/test_pq_compute.py [--images N]` times the tool against the peer (docs/benchmarks.md)."""
+`python tests/test_pq_compute.py [--images N] [--segments S]` times the tool against the peer (docs/benchmarks.md)."""
+import functools
 import json
 import os
 import subprocess
@@ -171,6 +172,18 @@ def test_cli_hand_computed(tmp_path):
   assert result["All"]["pq"] == pytest.approx(0.8 / 3) and result["All"]["n"] == 3
 
 
+def test_read_id_png_paths_agree(tmp_path):
+  """The OpenCV path, the PIL fallback (greyscale PNG) and the encoding round trip give the same ids."""
+  ids = np.random.default_rng(4).integers(0, 1 << 24, size=(7, 9))
+  Image.fromarray(id2rgb(ids)).save(tmp_path / "rgb.png")
+  got = tool.read_id_png(str(tmp_path / "rgb.png"))
+  assert got.dtype == np.uint32
+  np.testing.assert_array_equal(got, ids)
+  gray = (ids % 256).astype(np.uint8)  # a greyscale PNG reads as R = G = B (OpenCV gives 2-D: PIL path)
+  Image.fromarray(gray).save(tmp_path / "l.png")
+  np.testing.assert_array_equal(tool.read_id_png(str(tmp_path / "l.png")), gray.astype(np.int64) * 65793)
+
+
 def test_missing_prediction_raises(tmp_path):
   rng = np.random.default_rng(2)
   paths = write_set(str(tmp_path), [random_pair(rng) for _ in range(2)])
@@ -188,7 +201,7 @@ def test_module_entry_point(tmp_path):
   assert "Things" in out.stdout and "PQ" in out.stdout
 
 
-def bench(n_images=100, shape=(480, 640), n_segments=40, workers=(1, 2)):
+def bench(n_images=100, shape=(480, 640), n_segments=40, workers=(1, 2), rounds=3):
   """Tool vs the panopticapi peer on COCO-like images (about 40 segments, 480x640)."""
   import tempfile
   rng = np.random.default_rng(0)
@@ -209,35 +222,36 @@ def bench(n_images=100, shape=(480, 640), n_segments=40, workers=(1, 2)):
   arrays = [(g.astype(np.uint32), [dict(s, area=int((g == s["id"]).sum())) for s in gi], p.astype(np.uint32), pi)
             for g, gi, p, pi in pairs]  # gt areas in the JSON, as in COCO
   cats = {c["id"]: c for c in CATEGORIES}
-  t = time.perf_counter()
-  for g, gi, p, pi in arrays:
-    peer_image({}, g, gi, p, pi, cats)
-  t_peer_mem = time.perf_counter() - t
-  acc = PQAccumulator(CATEGORIES)
-  t = time.perf_counter()
-  for g, gi, p, pi in arrays:
-    acc.add(p, pi, g, gi)
-  t_tool_mem = time.perf_counter() - t
-  print(f"in memory (no PNG decoding): panopticapi peer {1e3 * t_peer_mem / n_images:.1f} ms/image, "
-        f"PQAccumulator.add {1e3 * t_tool_mem / n_images:.1f} ms/image")
+
+  def peer_memory():
+    for g, gi, p, pi in arrays:
+      peer_image({}, g, gi, p, pi, cats)
+
+  def tool_memory():
+    acc = PQAccumulator(CATEGORIES)
+    for g, gi, p, pi in arrays:
+      acc.add(p, pi, g, gi)
+
   with tempfile.TemporaryDirectory() as root:
     paths = write_set(root, pairs)
-    t = time.perf_counter()
     want, _ = peer_pq_compute(*paths)
-    t_peer = time.perf_counter() - t
-    t = time.perf_counter()
     assert_same(tool.pq_compute(*paths), want)
-    times = {"in-process": time.perf_counter() - t}
+    runs = {"in memory: panopticapi peer": peer_memory, "in memory: PQAccumulator.add": tool_memory,
+            "PNG + JSON: panopticapi peer": lambda: peer_pq_compute(*paths),
+            "PNG + JSON: pq_compute in-process": lambda: tool.pq_compute(*paths)}
     for w in workers:  # the CLI in a fresh interpreter (spawned workers re-import only the tool)
-      t = time.perf_counter()
-      subprocess.run([sys.executable, "-m", "maskformer_jax.tools.pq_compute", "--workers", str(w),
-                      "--out", os.path.join(root, "r.json")] + cli_args(paths), check=True, capture_output=True)
-      times[f"CLI {w} worker(s)"] = time.perf_counter() - t
-      saved = json.load(open(os.path.join(root, "r.json")))
-      assert saved["All"]["pq"] == pytest.approx(want["All"]["pq"], abs=1e-12)
-  print(f"{n_images} images {shape}, {n_segments} segments: panopticapi peer {t_peer:.2f} s "
-        f"({1e3 * t_peer / n_images:.1f} ms/image); tool " +
-        ", ".join(f"{w} {s:.2f} s ({1e3 * s / n_images:.1f} ms/image)" for w, s in times.items()))
+      runs[f"CLI, {w} worker(s), incl. interpreter start"] = functools.partial(
+          subprocess.run, [sys.executable, "-m", "maskformer_jax.tools.pq_compute", "--workers", str(w)] +
+          cli_args(paths), check=True, capture_output=True)
+    times = {k: [] for k in runs}
+    for _ in range(rounds):  # interleaved, medians: the development machine is shared
+      for k, fn in runs.items():
+        t = time.perf_counter()
+        fn()
+        times[k].append(time.perf_counter() - t)
+  print(f"{n_images} images {shape}, {n_segments} segments, median of {rounds} rounds, ms/image:")
+  for k, v in times.items():
+    print(f"  {k}: {1e3 * np.median(v) / n_images:.1f}")
 
 
 def _blocks(rng, shape, n):
@@ -250,5 +264,6 @@ def _blocks(rng, shape, n):
 
 
 if __name__ == "__main__":
-  n = int(sys.argv[sys.argv.index("--images") + 1]) if "--images" in sys.argv else 100
-  bench(n_images=n)
+  def arg(name, default):
+    return int(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
+  bench(n_images=arg("--images", 100), n_segments=arg("--segments", 40))

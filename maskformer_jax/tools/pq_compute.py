@@ -21,7 +21,19 @@ from maskformer_jax.evaluation.pq import PQAccumulator
 
 
 def read_id_png(path):
-  """COCO panoptic PNG -> uint32 id map (R + 256 G + 256^2 B)."""
+  """COCO panoptic PNG -> uint32 id map (R + 256 G + 256^2 B).
+
+  OpenCV decodes a little faster than PIL, and BGR -> RGBA with alpha zeroed, viewed as little-endian
+  uint32, IS the id map: one pass instead of three shifted conversions. PIL for anything not 8-bit BGR."""
+  try:
+    import cv2
+    bgr = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+  except ImportError:
+    bgr = None
+  if bgr is not None and bgr.ndim == 3 and bgr.shape[2] == 3 and bgr.dtype == np.uint8:
+    rgba = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGBA)
+    rgba[..., 3] = 0
+    return rgba.view("<u4")[..., 0]
   with Image.open(path) as im:
     rgb = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
   ids = rgb[..., 0].astype(np.uint32)
