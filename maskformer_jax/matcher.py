@@ -199,7 +199,8 @@ def hungarian(cost, valid):
   if m == 0:
     return jnp.zeros((b, 0), jnp.int32)
   dtype = cost.dtype if cost.dtype in (jnp.float32, jnp.float64) else jnp.float32
-  cost = sanitize_costs(cost.astype(dtype))
+  # The assignment is piecewise constant in the costs: no gradient (and none through the while_loop).
+  cost = sanitize_costs(jax.lax.stop_gradient(cost).astype(dtype))
   valid = jnp.asarray(valid, bool)
   return _solve(jnp.swapaxes(cost, 1, 2), valid).astype(jnp.int32)
 

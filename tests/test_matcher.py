@@ -130,6 +130,24 @@ def test_deterministic_and_input_checks():
   assert matcher.hungarian(np.zeros((2, 4, 0), np.float32), np.ones((2, 0), bool)).shape == (2, 0)
 
 
+def test_gradients_flow_around_the_matcher():
+  """A loss that gathers matched predictions is differentiable even if the costs were not detached."""
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.random((2, 12, 7)), jnp.float32)
+  valid = np.ones((2, 7), bool)
+
+  def loss(x):
+    rows = matcher.hungarian(x * 2.0, valid)
+    return jnp.take_along_axis(x, rows[:, None, :], axis=1).sum()
+
+  g = np.asarray(jax.jit(jax.grad(loss))(x))
+  rows = np.asarray(hungarian(x, valid))
+  expect = np.zeros(x.shape, np.float32)
+  for b in range(2):
+    expect[b, rows[b], np.arange(7)] = 1.0
+  np.testing.assert_array_equal(g, expect)
+
+
 def test_vmap_over_an_extra_batch_dim():
   rng = np.random.default_rng(4)
   cost = rng.random((3, 4, 9, 6)).astype(np.float32)
