@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from maskformer_jax import metrics
@@ -130,3 +131,23 @@ def test_progress_eta():
   line = p.line(20, 1.5, r)
   assert "step 20/100" in line and "ETA 1m2" in line
   assert metrics.format_eta(3725) == "1h02m05s"
+
+
+def test_ground_truth_as_prediction_scores_100(tmp_path):
+  """Ground truth (contiguous class ids from the source) goes through the id mapping evaluate() applies
+  and scores PQ 100: a wrong id space (SPEC section 7) would not."""
+  from maskformer_jax import evaluate
+  from maskformer_jax.data import pipeline
+  from maskformer_jax.data import synthetic
+  c = tiny()
+  c.data.root = synthetic.generate(tmp_path / "data", num_train=2, num_val=6, image_size=(64, 64), seed=1)
+  source = pipeline.make_source(c, c.data.val_split)
+  acc = evaluate.make_accumulator(c, source.categories)
+  for image_id in source.image_ids:
+    id_map, info = source.ground_truth(int(image_id))
+    info = evaluate.original_category_ids(info, source.categories)
+    pred = [s for s in info if not s["iscrowd"]]
+    acc.add(id_map * np.isin(id_map, [s["id"] for s in pred]), pred, id_map, info)
+  row = evaluate.metric_row(acc.result(), "panoptic")
+  assert row["pq"] == pytest.approx(100.0) and row["pq_th"] == pytest.approx(100.0)
+  assert set(k for k in row if k.startswith("pq_class")) == {f"pq_class{i}" for i in (1, 2, 3, 10, 20)}

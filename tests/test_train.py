@@ -151,3 +151,37 @@ def test_corrupted_newest_checkpoint_falls_back(env, baseline):
   assert "Resumed from the checkpoint at step 4" in r.stderr
   assert (workdir / "corrupted_checkpoints").exists()
   assert_same_state(final_state(baseline[0]), final_state(workdir))
+
+
+@pytest.mark.slow
+def test_evaluate_and_predict_clis(env, baseline, tmp_path):
+  from PIL import Image
+  workdir = baseline[0]
+  common = [f"--config={TINY}", f"--config.data.root={env['data']}"]
+  r = subprocess.run([sys.executable, "-m", "maskformer_jax.evaluate", *common, f"--workdir={workdir}",
+                      "--checkpoint=8"], env=env["env"], cwd=ROOT, capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  row = json.loads(r.stdout.strip().splitlines()[-1])
+  assert row["step"] == 8 and row["num_images"] == 6
+  for key in ("pq", "sq", "rq", "pq_th", "pq_st"):
+    assert 0.0 <= row[key] <= 100.0
+
+  images = sorted(str(p) for p in (pathlib.Path(env["data"]) / "val2017").glob("*.jpg"))[:3]
+  out = tmp_path / "pred"
+  r = subprocess.run([sys.executable, "-m", "maskformer_jax.predict", *common, f"--checkpoint={workdir}",
+                      f"--images={pathlib.Path(env['data']) / 'val2017' / '*.jpg'}", f"--out={out}"],
+                     env=env["env"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  pred = json.loads((out / "predictions.json").read_text())
+  assert len(pred["annotations"]) == 6
+  cat_ids = {c["id"] for c in pred["categories"]}
+  assert cat_ids == {1, 2, 3, 10, 20}  # the dataset's own ids, not contiguous ones
+  for ann, path in zip(pred["annotations"], images):
+    assert ann["image_file"] == os.path.basename(path)
+    png = np.asarray(Image.open(out / "panoptic" / ann["file_name"])).astype(np.int64)
+    ids = png[..., 0] + 256 * png[..., 1] + 65536 * png[..., 2]
+    assert png.shape[:2] == np.asarray(Image.open(path)).shape[:2]  # original resolution
+    assert set(np.unique(ids)) - {0} == {s["id"] for s in ann["segments_info"]}
+    assert all(s["category_id"] in cat_ids for s in ann["segments_info"])
+    assert (out / "overlays" / ann["file_name"]).exists()
