@@ -1,0 +1,174 @@
+"""The jitted train and eval steps, partitioned over the ('data', 'model') mesh by NamedShardings.
+
+One step: normalise the uint8 images on device -> model -> matching + set criterion per decoder layer
+-> gradients (optionally accumulated over micro-batches) -> AdamW update, skipped when any gradient is
+non-finite (counted, not applied) -> metrics as (sum, count) pairs. The state is a plain dict:
+{'params', 'batch_stats', 'opt_state', 'step', 'rng', 'skipped'}; 'step' counts calls, 'skipped' the
+updates that were dropped, so the optimizer's own count (the LR schedule's step) is step - skipped.
+
+The batch is the global batch: under jit with NamedShardings a jnp.sum over it is already a sum over
+every device and every process, so num_masks and the CE normaliser are global without explicit psums.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from maskformer_jax import criterion
+from maskformer_jax import optim
+from maskformer_jax import sharding
+from maskformer_jax.models import normalize_image
+
+
+def _init_fn(config, model):
+  h, w = config.data.image_size
+
+  def init(rng):
+    params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
+    images = jnp.zeros((1, h, w, 3), jnp.float32)
+    variables = model.init({"params": params_rng, "dropout": dropout_rng}, images, train=False)
+    params = variables["params"]
+    return {
+        "params": params,
+        "batch_stats": variables.get("batch_stats", {}),
+        "opt_state": optim.make_optimizer(config).init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": state_rng,
+        "skipped": jnp.zeros((), jnp.int32),
+    }
+
+  return init
+
+
+def state_shardings(config, model, mesh):
+  """NamedShardings of the train state (replicated, FSDP over 'data' and/or split over 'model')."""
+  abstract = jax.eval_shape(_init_fn(config, model), jax.random.key(0))
+  return sharding.state_shardings(abstract, mesh, config.mesh)
+
+
+def init_state(config, model, mesh, rng):
+  """The initial train state, created directly in its sharded layout (never whole on one device)."""
+  init = _init_fn(config, model)
+  return jax.jit(init, out_shardings=state_shardings(config, model, mesh))(rng)
+
+
+def shard_batch(batch, mesh):
+  """This process's numpy batch (leading axis = its share of the global batch) -> global arrays."""
+  s = sharding.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(s, np.asarray(v)) for k, v in batch.items()}
+
+
+def _check_batch(config, mesh):
+  accum = int(config.grad_accum_steps)
+  if accum < 1 or config.batch_size % accum:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
+                     f"config.grad_accum_steps={accum}.")
+  sharding.check_batch_size(config.batch_size // accum, mesh,
+                            what=f"the micro-batch (config.batch_size / grad_accum_steps = "
+                                 f"{config.batch_size}/{accum})")
+  return accum
+
+
+def make_train_step(config, model, mesh):
+  """The jitted `(state, batch) -> (state, metrics)`; `state` is donated.
+
+  With grad_accum_steps = n the global batch is split into n micro-batches (each spread over every
+  data shard) whose gradients are summed in a lax.scan; num_masks and the CE weight sum are taken over
+  the full batch, so the result equals the one large-batch step (up to float summation order) when the
+  model itself is per-example (frozen BN, which is the original; trainable BN sees micro-batch
+  statistics, and dropout draws different masks).
+  """
+  accum = _check_batch(config, mesh)
+  tx = optim.make_optimizer(config)
+  lr_fn = optim.learning_rate(config)
+  lc = config.loss
+  bn = config.model.backbone_norm == "bn"
+  num_queries = int(config.model.num_queries)
+  state_sh = state_shardings(config, model, mesh)
+  batch_sh = sharding.batch_sharding(mesh)
+
+  def loss_fn(params, batch_stats, batch, rng, num_masks, ce_norm):
+    dropout_rng, loss_rng = jax.random.split(rng)
+    variables = {"params": params, "batch_stats": batch_stats}
+    images = normalize_image(batch["image"])
+    if bn:
+      outputs, new_vars = model.apply(variables, images, train=True, rngs={"dropout": dropout_rng},
+                                      mutable=["batch_stats"])
+      batch_stats = new_vars["batch_stats"]
+    else:
+      outputs = model.apply(variables, images, train=True, rngs={"dropout": dropout_rng})
+    loss, terms = criterion.set_criterion(outputs, batch, lc, num_masks=num_masks, rng=loss_rng,
+                                          ce_norm=ce_norm)
+    return loss, (terms, batch_stats)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(state, batch):
+    params, rng = state["params"], jax.random.fold_in(state["rng"], state["step"])
+    batch = {k: batch[k] for k in ("image", "segments", "labels", "valid")}
+    num_masks = criterion.num_masks(batch)
+    ce_norm = criterion.class_weight_sum(batch, num_queries, lc.eos_coef)
+    if accum == 1:
+      (loss, (terms, batch_stats)), grads = grad_fn(params, state["batch_stats"], batch, rng,
+                                                    num_masks, ce_norm)
+    else:
+      # [B, ...] -> [accum, B / accum, ...] taking every accum-th example, so that each micro-batch
+      # keeps an equal share on every data shard.
+      def split(x):
+        x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+        spec = jax.sharding.PartitionSpec(None, "data")
+        return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+
+      def body(carry, xs):
+        grads, terms, batch_stats = carry
+        micro, i = xs
+        (_, (t, batch_stats)), g = grad_fn(params, batch_stats, micro, jax.random.fold_in(rng, i),
+                                           num_masks, ce_norm)
+        return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, terms, t), batch_stats), None
+
+      micro = jax.tree.map(split, batch)
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      abstract = jax.eval_shape(grad_fn, params, state["batch_stats"],
+                                jax.tree.map(lambda x: x[0], micro), rng, num_masks, ce_norm)
+      zero_terms = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract[0][1][0])
+      (grads, terms, batch_stats), _ = jax.lax.scan(
+          body, (zeros, zero_terms, state["batch_stats"]), (micro, jnp.arange(accum)))
+      loss = terms["loss"]
+
+    finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
+        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    skipped = (~finite).astype(jnp.int32)
+    new_state = {
+        "params": keep(new_params, params),
+        "batch_stats": keep(batch_stats, state["batch_stats"]),
+        "opt_state": keep(opt_state, state["opt_state"]),
+        "step": state["step"] + 1,
+        "rng": state["rng"],
+        "skipped": state["skipped"] + skipped,
+    }
+    one = jnp.ones((), jnp.float32)
+    metrics = {k: (v.astype(jnp.float32), one) for k, v in terms.items()}
+    metrics["grad_norm"] = (optax.tree.norm(grads), one)
+    metrics["learning_rate"] = (lr_fn(state["step"] - state["skipped"]).astype(jnp.float32), one)
+    metrics["skipped"] = (skipped.astype(jnp.float32), one)
+    metrics["num_masks"] = (jnp.sum(batch["valid"]).astype(jnp.float32), one)
+    return new_state, metrics
+
+  return jax.jit(step, in_shardings=(state_sh, batch_sh),
+                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def make_eval_step(config, model, mesh):
+  """The jitted `(state, batch) -> {'pred_logits', 'pred_masks'}` (main layer), sharded over 'data'."""
+  state_sh = state_shardings(config, model, mesh)
+  batch_sh = sharding.batch_sharding(mesh)
+
+  def step(state, batch):
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    out = model.apply(variables, normalize_image(batch["image"]), train=False)
+    return {"pred_logits": out["pred_logits"], "pred_masks": out["pred_masks"]}
+
+  return jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=batch_sh)
