@@ -121,6 +121,9 @@ def validate_config(config, *, num_devices: int, num_processes: int):
   if config.eval.batch_size % num_processes:
     errors.append(f"config.eval.batch_size={config.eval.batch_size} is not divisible by the "
                   f"{num_processes} processes: use a multiple of {num_processes}.")
+  if config.eval.task == "instance" and config.train.eval_every > 0:
+    errors.append("config.eval.task='instance' has no evaluation metric here (COCO AP is not "
+                  "implemented): use 'panoptic' or 'semantic', or set --config.train.eval_every=0.")
   for key in ("torchvision_resnet", "checkpoint"):
     path = config.init[key]
     if path and not path.startswith("gs://") and not os.path.exists(path):
@@ -204,6 +207,8 @@ def mean_metrics(pending) -> dict:
       out[key] = s / max(c, 1e-12)
     else:
       out[key] = float(np.mean([np.asarray(m[key]) for m in pending]))
+  if "learning_rate" in pending[-1]:  # the current one, not the interval's mean
+    out["learning_rate"] = float(np.asarray(pending[-1]["learning_rate"][0]))
   return out
 
 
@@ -211,15 +216,16 @@ def load_pretrained(config, state, mesh):
   """Initial weights from config.init (a converted checkpoint, or a torchvision ResNet backbone)."""
   from maskformer_jax import convert
   if config.init.checkpoint:
-    variables = convert.load_converted(config.init.checkpoint)
+    _, variables = convert.load_converted(config.init.checkpoint)
     state = _merge_variables(state, variables, what=config.init.checkpoint)
   elif config.init.torchvision_resnet:
-    variables = convert.load_torchvision_resnet(config.init.torchvision_resnet)
-    state = _merge_variables(state, variables, what=config.init.torchvision_resnet, prefix="backbone")
+    ours = jax.device_get({col: state[col] for col in ("params", "batch_stats") if state.get(col)})
+    variables = convert.load_torchvision_resnet(config.init.torchvision_resnet, ours)
+    state = _merge_variables(state, variables, what=config.init.torchvision_resnet)
   return state
 
 
-def _merge_variables(state, variables, *, what, prefix=None):
+def _merge_variables(state, variables, *, what):
   """Replaces the matching leaves of state['params'] / state['batch_stats'] (same shapes required)."""
   import flax
   for col in ("params", "batch_stats"):
@@ -227,8 +233,6 @@ def _merge_variables(state, variables, *, what, prefix=None):
       continue
     ours = flax.traverse_util.flatten_dict(flax.core.unfreeze(state[col]), sep="/")
     theirs = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables[col]), sep="/")
-    if prefix:
-      theirs = {f"{prefix}/{k}": v for k, v in theirs.items()}
     missing = [k for k in theirs if k not in ours]
     if missing:
       raise ValueError(f"{what}: {len(missing)} {col} entries are not in the model, e.g. {missing[:3]}")
@@ -316,9 +320,9 @@ def train_and_evaluate(config, workdir: str):
         writer.write(step, row, prefix="train")
         metrics_lib.log(progress.line(step, row.get("loss", float("nan")), p))
 
-      stop = stop_requested(step)
+      stop = stop_requested(step)  # preempted: save now, skip the evaluation (the grace period is short)
       eval_row = None
-      if config.train.eval_every > 0 and (step % config.train.eval_every == 0 or step == total):
+      if not stop and config.train.eval_every > 0 and (step % config.train.eval_every == 0 or step == total):
         eval_row = run_eval(step)
       if stop or step == total or step % config.train.checkpoint_every == 0 or eval_row:
         score = {best_metric: eval_row[best_metric]} if eval_row and best_metric in eval_row else None

@@ -151,3 +151,28 @@ def test_ground_truth_as_prediction_scores_100(tmp_path):
   row = evaluate.metric_row(acc.result(), "panoptic")
   assert row["pq"] == pytest.approx(100.0) and row["pq_th"] == pytest.approx(100.0)
   assert set(k for k in row if k.startswith("pq_class")) == {f"pq_class{i}" for i in (1, 2, 3, 10, 20)}
+
+
+def test_instance_task_without_metric_is_a_config_error():
+  c = tiny()
+  c.eval.task = "instance"
+  with pytest.raises(ValueError, match="eval_every=0"):
+    train.validate_config(c, num_devices=1, num_processes=1)
+  c.train.eval_every = 0
+  train.validate_config(c, num_devices=1, num_processes=1)
+
+
+def test_merge_pretrained_variables():
+  import jax.numpy as jnp
+  state = {"params": {"a": {"kernel": jnp.zeros((2, 3))}, "b": {"bias": jnp.zeros((3,))}},
+           "batch_stats": {"a": {"mean": jnp.zeros((3,))}}, "step": jnp.zeros((), jnp.int32)}
+  loaded = {"params": {"a": {"kernel": np.ones((2, 3), np.float32)}},
+            "batch_stats": {"a": {"mean": np.full((3,), 2.0, np.float32)}}}
+  out = train._merge_variables(state, loaded, what="test")
+  np.testing.assert_array_equal(out["params"]["a"]["kernel"], np.ones((2, 3)))
+  np.testing.assert_array_equal(out["params"]["b"]["bias"], np.zeros(3))  # not in the file: kept
+  np.testing.assert_array_equal(out["batch_stats"]["a"]["mean"], np.full(3, 2.0))
+  with pytest.raises(ValueError, match="has shape"):
+    train._merge_variables(state, {"params": {"a": {"kernel": np.ones((3, 3))}}}, what="test")
+  with pytest.raises(ValueError, match="not in the model"):
+    train._merge_variables(state, {"params": {"c": {"kernel": np.ones((3, 3))}}}, what="test")
