@@ -20,7 +20,7 @@ canvas bucket (multiples of 64), so it is both the correct and the fast path; `p
 out_size=...)` without a crop stays for cheap previews at a static size.
 """
 import functools
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -123,8 +123,10 @@ def _panoptic_single(logits, masks, valid, is_thing, object_mask_threshold, over
   query_segment = jnp.where(seg_valid, rep + 1, 0).astype(jnp.int32)
   panoptic = jnp.where(valid, query_segment[ids], 0)
   is_rep = seg_valid & (rep == qs)
-  return dict(panoptic=panoptic.astype(jnp.int32), segment_class=jnp.where(is_rep, label, -1).astype(jnp.int32),
-              segment_score=jnp.where(is_rep, score, 0.0), isthing=is_rep & thing, query_segment=query_segment)
+  return dict(panoptic=panoptic.astype(jnp.int32),
+              segment_class=jnp.where(is_rep, label, -1).astype(jnp.int32),
+              segment_score=jnp.where(is_rep, score, 0.0), isthing=is_rep & thing,
+              query_segment=query_segment)
 
 
 @functools.partial(jax.jit, static_argnames=("out_size", "hf_compat"))
@@ -214,7 +216,8 @@ def _to_original(pred_logits, pred_masks, image_size, orig_size, is_thing, objec
     if task == "panoptic":
       return _panoptic_single(logits, resized, valid, is_thing, object_mask_threshold, overlap_threshold,
                               False)
-    return _instance_single(logits, resized, valid, is_thing if things_only else None, topk or logits.shape[0])
+    return _instance_single(logits, resized, valid, is_thing if things_only else None,
+                            topk or logits.shape[0])
   return jax.lax.map(one, (pred_logits, pred_masks, image_size, orig_size))
 
 
@@ -224,9 +227,11 @@ def postprocess_to_original(outputs, batch, *, categories, task: str = "panoptic
                             panoptic_things_only: bool = True):
   """Model outputs for an eval batch -> a list with one result per image at its original resolution.
 
-  outputs: {'pred_logits' [B, Q, K+1], 'pred_masks' [B, Q, h, w]}; batch: needs 'image_size', 'orig_size'
-  and optionally 'image_id' (entries with id < 0 are batch padding and give None). categories: list of
-  {id, isthing, contiguous_id} (dataset order). padded_size defaults to 4 * mask size.
+  outputs: {'pred_logits' [B, Q, K+1], 'pred_masks' [B, Q, h, w]}, this host's examples (numpy or
+  addressable arrays); batch: needs 'image_size', 'orig_size' and optionally 'image_id' (entries with
+  id < 0 are batch padding and give None). Thresholds: config.eval.object_mask_threshold and
+  overlap_threshold. categories: list of {id, isthing, contiguous_id} (dataset order). padded_size
+  (the static eval input size, config.data.eval_size) defaults to 4 * the mask size.
   Per image: panoptic -> (id map int32 [h0, w0], segments_info) as `to_coco_panoptic`; semantic -> label
   map int32 [h0, w0] (contiguous classes); instance -> dict(masks bool [n, h0, w0], scores, category_id).
   """
@@ -288,6 +293,7 @@ def to_coco_panoptic(result: dict, categories):
   for q in np.nonzero((seg_class >= 0) & (area[1:] > 0))[0]:
     lut[q + 1] = len(segments_info) + 1
     cat = by_contiguous[int(seg_class[q])]
-    segments_info.append(dict(id=len(segments_info) + 1, category_id=int(cat["id"]), isthing=bool(cat.get("isthing", 0)),
+    segments_info.append(dict(id=len(segments_info) + 1, category_id=int(cat["id"]),
+                              isthing=bool(cat.get("isthing", 0)),
                               score=float(score[q]), area=int(area[q + 1])))
   return lut[pan], segments_info

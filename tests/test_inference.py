@@ -243,7 +243,8 @@ def test_instance_matches_hugging_face():
   out = MaskFormerForInstanceSegmentationOutput(class_queries_logits=torch.from_numpy(logits),
                                                 masks_queries_logits=torch.from_numpy(masks))
   # HF implements Mask2Former's instance_inference; threshold 0 keeps all non-empty masks.
-  hf = MaskFormerImageProcessor().post_process_instance_segmentation(out, threshold=0.0, return_binary_maps=True)
+  hf = MaskFormerImageProcessor().post_process_instance_segmentation(out, threshold=0.0,
+                                                                     return_binary_maps=True)
   ours = {k: np.asarray(v) for k, v in inference.instance_inference(logits, masks).items()}
   for i in range(2):
     assert ours["masks"].shape[1] == 10  # top-k with k = Q

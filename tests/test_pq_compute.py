@@ -1,7 +1,8 @@
 """The pq_compute tool on small generated COCO-format sets (PNG + JSON) against panopticapi's algorithm
 (transcribed below as the peer, reading PNGs the same way), torchmetrics and hand-computed values.
 
-`python tests/test_pq_compute.py [--images N] [--segments S]` times the tool against the peer (docs/benchmarks.md)."""
+`python tests/test_pq_compute.py [--images N] [--segments S]` times the tool against the peer
+(docs/benchmarks.md)."""
 import functools
 import json
 import os
@@ -35,7 +36,8 @@ def peer_image(stats, pan_gt, gt_info, pan_pred, pred_info, categories):
     assert pred_segms[label]["category_id"] in categories
     pred_segms[label]["area"] = cnt
   pairs = {}
-  labels, counts = np.unique(pan_gt.astype(np.uint64) * offset + pan_pred.astype(np.uint64), return_counts=True)
+  joint = pan_gt.astype(np.uint64) * offset + pan_pred.astype(np.uint64)
+  labels, counts = np.unique(joint, return_counts=True)
   for label, inter in zip(labels, counts):
     pairs[(int(label // offset), int(label % offset))] = inter
   gt_matched, pred_matched = set(), set()
@@ -211,7 +213,8 @@ def bench(n_images=100, shape=(480, 640), n_segments=40, workers=(1, 2), rounds=
     gt_ids = rng.choice(np.arange(1, 1 << 24), n_segments, replace=False)
     pred_ids = rng.choice(np.arange(1, 1 << 24), n_segments, replace=False)
     gt_cat = rng.choice(THINGS + STUFFS, n_segments)
-    gt_info = [dict(id=int(i), category_id=int(c), iscrowd=int(rng.random() < 0.05)) for i, c in zip(gt_ids, gt_cat)]
+    gt_info = [dict(id=int(i), category_id=int(c), iscrowd=int(rng.random() < 0.05))
+               for i, c in zip(gt_ids, gt_cat)]
     pcells = np.where(rng.random(shape) < 0.05, rng.integers(0, n_segments, shape), cells)
     pred_cat = np.where(rng.random(n_segments) < 0.8, gt_cat, rng.choice(THINGS + STUFFS, n_segments))
     present = np.unique(pcells)
@@ -219,8 +222,8 @@ def bench(n_images=100, shape=(480, 640), n_segments=40, workers=(1, 2), rounds=
     gt_map = np.where(rng.random(shape) < 0.02, 0, gt_ids[cells])
     pairs.append((gt_map, [s for s in gt_info if (gt_map == s["id"]).any()], pred_ids[pcells], pred_info))
   from maskformer_jax.evaluation import PQAccumulator
-  arrays = [(g.astype(np.uint32), [dict(s, area=int((g == s["id"]).sum())) for s in gi], p.astype(np.uint32), pi)
-            for g, gi, p, pi in pairs]  # gt areas in the JSON, as in COCO
+  arrays = [(g.astype(np.uint32), [dict(s, area=int((g == s["id"]).sum())) for s in gi],
+             p.astype(np.uint32), pi) for g, gi, p, pi in pairs]  # gt areas in the JSON, as in COCO
   cats = {c["id"]: c for c in CATEGORIES}
 
   def peer_memory():
