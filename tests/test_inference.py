@@ -217,6 +217,25 @@ def test_postprocess_to_original_panoptic_matches_torch_pipeline():
   assert n >= 3
 
 
+def test_postprocess_output_feeds_the_pq_accumulator():
+  """The COCO-style results (consecutive ids, original category ids) evaluate as a perfect match of
+  themselves, and a shifted copy scores below 1."""
+  from maskformer_jax.evaluation import PQAccumulator
+  logits, masks = random_outputs(seed=11, b=2, size=(8, 10))
+  batch = dict(image_size=np.array([[32, 40], [28, 40]]), orig_size=np.array([[30, 36], [40, 52]]))
+  results = inference.postprocess_to_original(dict(pred_logits=logits, pred_masks=masks), batch,
+                                              categories=CATEGORIES, object_mask_threshold=0.3,
+                                              overlap_threshold=0.5)
+  same, shifted = PQAccumulator(CATEGORIES), PQAccumulator(CATEGORIES)
+  for pan, seg in results:
+    assert sorted(np.unique(pan[pan > 0]).tolist()) == [s["id"] for s in seg] == list(range(1, len(seg) + 1))
+    same.add(pan, seg, pan, [dict(s, iscrowd=0) for s in seg])
+    shifted.add(np.roll(pan, 9, axis=1), seg, pan, [dict(s, iscrowd=0) for s in seg])
+  res = same.result()
+  assert res["All"]["pq"] == 1.0 and res["All"]["n"] == len({s["category_id"] for _, g in results for s in g})
+  assert shifted.result()["All"]["pq"] < 1.0
+
+
 def test_semantic_matches_hugging_face_and_original_resolution():
   logits, masks = random_outputs(seed=6, b=2, size=(8, 10))
   out = MaskFormerForInstanceSegmentationOutput(class_queries_logits=torch.from_numpy(logits),
