@@ -22,20 +22,11 @@ def sanitize_costs(cost):
   return jnp.clip(cost, -BIG, BIG)
 
 
-def _first(mask):
-  """Index of the first True along the last axis (its size if none).
-
-  A plain min-reduction: XLA:CPU runs argmin/argmax (a variadic reduce) several times slower, and
-  reductions over a non-minor axis slower still, so the solver only ever reduces over the last axis.
-  """
-  io = jax.lax.broadcasted_iota(jnp.int32, mask.shape, mask.ndim - 1)
-  return jnp.min(jnp.where(mask, io, mask.shape[-1]), axis=-1)
-
-
-def _pick(x, onehot):
-  """x[b, j[b]] given the one-hot of j along the last axis (a fused select + reduce, not a gather)."""
-  low = jnp.iinfo(x.dtype).min if jnp.issubdtype(x.dtype, jnp.integer) else -jnp.inf
-  return jnp.max(jnp.where(onehot, x, low), axis=-1)
+def _first(mask, axis):
+  """Index of the first True along `axis` (its size if none): a plain min-reduction, which XLA:CPU runs
+  several times faster than argmin/argmax (a variadic reduce)."""
+  io = jax.lax.broadcasted_iota(jnp.int32, mask.shape, axis % mask.ndim)
+  return jnp.min(jnp.where(mask, io, mask.shape[axis]), axis=axis)
 
 
 def _at(x, j):
@@ -44,8 +35,9 @@ def _at(x, j):
 
 
 def _row(c, i):
-  """c[b, i[b], :] for c [B, M, N]."""
-  return jnp.take_along_axis(c, i[:, None, None], axis=1)[:, 0]
+  """c[b, :, i[b]] for c [B, N, M]: the costs of target i against every query (a strided gather, so the
+  costs are never transposed)."""
+  return jnp.take_along_axis(c, i[:, None, None], axis=2)[:, :, 0]
 
 
 def _auction_start(c, valid, rounds):
@@ -54,24 +46,24 @@ def _auction_start(c, valid, rounds):
   Each free row bids for its cheapest column (reduced by v) and raises its price by the gap to its second
   cheapest; the highest bid wins and the previous owner is freed. This keeps what the augmenting-path
   phase needs -- every assigned row sits on a column of minimum reduced cost, v <= 0, v = 0 on free
-  columns -- while settling most rows in a few wide [B, M, N] steps. Without a margin it can cycle on ties,
+  columns -- while settling most rows in a few wide [B, N, M] passes. Without a margin it can cycle on ties,
   hence a fixed number of rounds; the exact phase finishes whatever is left.
   """
-  bsz, m, n = c.shape
+  bsz, n, m = c.shape
   inf = jnp.array(jnp.inf, c.dtype)
   ar_m = jnp.arange(m, dtype=jnp.int32)
   ar_n = jnp.arange(n, dtype=jnp.int32)
-  zero_n = jnp.zeros_like(c[:, 0, :])  # built from c so that under shard_map it varies like c
+  zero_n = jnp.zeros_like(c[:, :, 0])  # built from c so that under shard_map it varies like c
   v = zero_n
-  col4row = jnp.zeros_like(c[:, :, 0], jnp.int32) - 1
+  col4row = jnp.zeros_like(c[:, 0, :], jnp.int32) - 1
   row4col = zero_n.astype(jnp.int32) - 1
   lower = (ar_m[None, :] < ar_m[:, None])[None]  # [1, i, i']: i' < i
   for _ in range(rounds):
     free = valid & (col4row < 0)
-    w = c - v[:, None, :]
-    w1 = w.min(axis=2)
-    j1 = _first(w == w1[:, :, None])
-    w2 = jnp.where(ar_n == j1[:, :, None], inf, w).min(axis=2)
+    w = c - v[:, :, None]  # [B, N, M]
+    w1 = w.min(axis=1)
+    j1 = _first(w == w1[:, None, :], axis=1)
+    w2 = jnp.where(ar_n[:, None] == j1[:, None, :], inf, w).min(axis=1)
     inc = jnp.where(w2 < inf, w2 - w1, 0.0)
     # Among free rows bidding for one column the largest raise wins (the lowest row on ties).
     rival = (j1[:, :, None] == j1[:, None, :]) & free[:, None, :]
@@ -88,16 +80,16 @@ def _auction_start(c, valid, rounds):
 
 
 def _solve(c, valid, rounds=1):
-  """Shortest augmenting paths (Jonker-Volgenant / scipy's LAPJV variant) for c [B, M, N], M <= N.
+  """Shortest augmenting paths (Jonker-Volgenant / scipy's LAPJV variant) for c [B, N, M], M <= N.
 
-  Rows are targets, columns queries. Every image runs its own state machine and all images advance
+  Solved as the transposed M x N problem: rows are targets, columns queries. Every image runs its own state machine and all images advance
   together, one Dijkstra step per `while_loop` iteration, so the number of sequential iterations is the
   largest per-image count of Dijkstra steps, not the sum over the batch. One step scans one row against
   all N columns at once ([B, N] vector work). Duals: v per column (0 for free columns, so the rectangular
   problem stays exact); u of an assigned row is implicit (c - v on its tight assigned edge).
   Returns col4row [B, M] (column of each row, -1 for invalid rows).
   """
-  bsz, m, n = c.shape
+  bsz, n, m = c.shape
   dtype = c.dtype
   inf = jnp.array(jnp.inf, dtype)
   ar_m = jnp.arange(m, dtype=jnp.int32)
@@ -110,9 +102,9 @@ def _solve(c, valid, rounds=1):
   free_idx = jnp.where(valid & (col4row < 0), ar_m, m)
   after_free = jnp.concatenate(
       [jax.lax.cummin(free_idx, axis=1, reverse=True)[:, 1:], jnp.full_like(free_idx[:, :1], m)], axis=1)
-  first = jnp.min(free_idx, axis=1)
+  first = free_idx.min(axis=1)
   cur, active = jnp.minimum(first, m - 1), first < m
-  zero_n = jnp.zeros_like(c[:, 0, :])  # loop-carry starts derived from c: shard_map-varying like it
+  zero_n = jnp.zeros_like(c[:, :, 0])  # loop-carry starts derived from c: shard_map-varying like it
   zb = zero_n[:, 0]
   state = dict(
       v=v, col4row=col4row, row4col=row4col,
@@ -202,7 +194,7 @@ def hungarian(cost, valid):
   # The assignment is piecewise constant in the costs: no gradient (and none through the while_loop).
   cost = sanitize_costs(jax.lax.stop_gradient(cost).astype(dtype))
   valid = jnp.asarray(valid, bool)
-  return _solve(jnp.swapaxes(cost, 1, 2), valid).astype(jnp.int32)
+  return _solve(cost, valid).astype(jnp.int32)
 
 
 def optax_hungarian(cost, valid):
