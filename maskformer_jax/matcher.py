@@ -79,7 +79,7 @@ def _auction_start(c, valid, rounds):
   return v, col4row, row4col
 
 
-def _solve(c, valid, rounds=1):
+def _solve(c, valid, rounds=None):
   """Shortest augmenting paths (Jonker-Volgenant / scipy's LAPJV variant) for c [B, N, M], M <= N.
 
   Solved as the transposed M x N problem: rows are targets, columns queries. Every image runs its own state machine and all images advance
@@ -91,6 +91,9 @@ def _solve(c, valid, rounds=1):
   """
   bsz, n, m = c.shape
   dtype = c.dtype
+  if rounds is None:
+    # One round costs a few [B, N, M] passes; near-square problems (long searches) repay more of them.
+    rounds = 1 if 2 * m <= n else 3
   inf = jnp.array(jnp.inf, dtype)
   ar_m = jnp.arange(m, dtype=jnp.int32)
   ar_n = jnp.arange(n, dtype=jnp.int32)
