@@ -12,6 +12,13 @@ batch (>= 1); the original divides by the per-worker average of that count and t
 gradients over the workers, which is the same thing. The CE is torch's weighted mean
 sum(w * nll) / sum(w) taken over the global batch (the original takes it per worker and averages over
 the workers; identical on one worker, and identical in expectation otherwise).
+
+Against Hugging Face's MaskFormerLoss (tests/test_criterion.py): the same terms to 1e-4. Its
+`get_num_masks` is the original's (all-reduce, / world size, clamp 1); its matcher's nearest
+interpolation of the targets by an integer factor is our striding `segments[:, ::s, ::s]`; its aux
+losses call the same loss on each layer with the same num_masks, as the original (HF's deviation is in
+the model, which feeds the aux heads un-normalised decoder states; our model uses the shared norm).
+Slots beyond the matched ones (padding, or targets past Q queries) carry zero weight.
 """
 import jax
 import jax.numpy as jnp
@@ -80,6 +87,27 @@ def sample_targets(segments, coords, num_slots):
   return out
 
 
+def upsampled_mask_losses(src, segments, alpha, gamma):
+  """Per-pair focal (mean over pixels) and dice, [B, M] each, of `src` [B, M, h, w] upsampled
+  bilinearly (align_corners=False, as torch F.interpolate) to the full-res masks of `segments`.
+
+  Slot by slot under rematerialisation, so at most one [B, H, W] logit map of a slot is alive: the
+  original allocates [N, H, W] for all matched pairs at once, and M padded slots would be worse.
+  """
+  b, num_slots = src.shape[:2]
+  height, width = segments.shape[1:]
+
+  @jax.checkpoint
+  def one_slot(args):
+    x, slot = args  # [B, h, w], the slot index
+    x = jax.image.resize(x, (b, height, width), "bilinear", antialias=False).reshape(b, -1)
+    t = (segments == slot).reshape(b, -1).astype(jnp.float32)
+    return jnp.mean(sigmoid_focal(x, t, alpha, gamma), axis=-1), dice(x, t)
+
+  focal, dsc = jax.lax.map(one_slot, (jnp.swapaxes(src, 0, 1), jnp.arange(num_slots)))
+  return focal.T, dsc.T
+
+
 def match(pred_logits, pred_masks, batch, loss_config, rng=None):
   """int32 [B, M]: the query matched to each target slot, -1 for none (no gradient)."""
   lc = loss_config
@@ -122,15 +150,13 @@ def layer_losses(pred_logits, pred_masks, batch, indices, loss_config, *, num_ma
         float(lc.importance_sample_ratio)))
     logits = points_lib.point_sample(src, coords)  # [B, M, P]
     tgt = sample_targets(segments, coords, num_slots)
+    focal = jnp.mean(sigmoid_focal(logits, tgt, lc.focal_alpha, lc.focal_gamma), axis=-1)
+    dsc = dice(logits, tgt)
   else:  # original: bilinear (align_corners=False) upsampling to the padded full-res target
-    h, w_ = segments.shape[1:]
-    logits = jax.image.resize(src, (b, num_slots, h, w_), "bilinear", antialias=False)
-    logits = logits.reshape(b, num_slots, h * w_)
-    tgt = target_masks(segments, num_slots).reshape(b, num_slots, h * w_)
-  focal = jnp.mean(sigmoid_focal(logits, tgt, lc.focal_alpha, lc.focal_gamma), axis=-1)
+    focal, dsc = upsampled_mask_losses(src, segments, lc.focal_alpha, lc.focal_gamma)
   m = matched.astype(jnp.float32)
   loss_mask = jnp.sum(focal * m) / num_masks
-  loss_dice = jnp.sum(dice(logits, tgt) * m) / num_masks
+  loss_dice = jnp.sum(dsc * m) / num_masks
   return {"loss_ce": loss_ce, "loss_mask": loss_mask, "loss_dice": loss_dice}
 
 
