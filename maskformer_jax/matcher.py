@@ -179,7 +179,8 @@ def hungarian(cost, valid):
 
   Exact (same total as scipy's `linear_sum_assignment` on the valid columns); invalid columns take no
   part at all. Pure JAX with static shapes: works under jit, vmap and shard_map. Costs go through
-  `sanitize_costs` (non-finite policy above).
+  `sanitize_costs` (non-finite policy above). Solver: an auction start, then batched shortest augmenting
+  paths (`_solve`); its speed and how it grows with M are in docs/benchmarks.md ("Matcher").
 
   Args:
     cost: float [B, N, M], N >= M.
@@ -266,11 +267,11 @@ def matching_costs(pred_logits, pred_masks, labels, target_masks, valid, *, cost
   (at their size) and targets (at theirs) are bilinearly sampled at the same uniform random points of each
   image (Mask2Former). Invalid columns are 0. Inputs are stop-gradiented: matching is not differentiated.
   """
-  pred_logits, pred_masks, target_masks = jax.tree.map(
-      lambda x: jax.lax.stop_gradient(jnp.asarray(x, jnp.float32)), (pred_logits, pred_masks, target_masks))
+  pred_logits, pred_masks = jax.tree.map(
+      lambda x: jax.lax.stop_gradient(jnp.asarray(x, jnp.float32)), (pred_logits, pred_masks))
+  target_masks = jax.lax.stop_gradient(jnp.asarray(target_masks))  # any dtype: bool, uint8, float
   b, q, h, w = pred_masks.shape
   m = labels.shape[1]
-  target_masks = jnp.where(valid[:, :, None, None], target_masks, 0.0)
 
   prob = jax.nn.softmax(pred_logits, axis=-1)
   labels = jnp.where(valid, labels, 0).astype(jnp.int32)
@@ -281,14 +282,15 @@ def matching_costs(pred_logits, pred_masks, labels, target_masks, valid, *, cost
       raise ValueError("num_points > 0 needs rng")
     coords = matching_points(rng, b, num_points)[:, None]  # shared by all queries and targets
     x = points_lib.point_sample(pred_masks, coords)  # [B, Q, P]
-    t = points_lib.point_sample(target_masks, coords)  # [B, M, P]
+    t = points_lib.point_sample(target_masks.astype(jnp.float32), coords)  # [B, M, P]
   else:
     ht, wt = target_masks.shape[-2:]
     sh, sw = ht // h, wt // w
     if sh * h != ht or sw * w != wt or sh < 1 or sw < 1:
       raise ValueError(f"target size {(ht, wt)} is not an integer multiple of prediction size {(h, w)}")
     x = pred_masks.reshape(b, q, h * w)
-    t = target_masks[:, :, ::sh, ::sw].reshape(b, m, h * w)
+    t = target_masks[:, :, ::sh, ::sw].reshape(b, m, h * w).astype(jnp.float32)  # stride, then convert
+  t = jnp.where(valid[:, :, None], t, 0.0)  # padded slots: whatever they hold, no NaN can come out
   npix = x.shape[-1]
 
   p = jax.nn.sigmoid(x)

@@ -234,6 +234,19 @@ def test_costs_match_hugging_face(weights, stride):
     assert (ours[b][:, ~batch["valid"][b]] == 0).all()
 
 
+def test_costs_accept_boolean_targets_and_ignore_padded_slots():
+  batch = random_batch(5)
+  weights = dict(cost_class=1.0, cost_mask=20.0, cost_dice=1.0)
+  ref = np.asarray(matcher.matching_costs(**batch, **weights))
+  batch["target_masks"] = batch["target_masks"] > 0.5
+  np.testing.assert_array_equal(matcher.matching_costs(**batch, **weights), ref)
+  batch["target_masks"] = batch["target_masks"].astype(np.float32)
+  batch["target_masks"][~batch["valid"]] = np.nan  # garbage in padded slots
+  batch["labels"][~batch["valid"]] = 5  # the no-object index K
+  got = np.asarray(matcher.matching_costs(**batch, **weights))
+  np.testing.assert_array_equal(got, ref)
+
+
 def test_strided_slice_is_torch_nearest():
   torch = pytest.importorskip("torch")
   x = np.random.default_rng(0).random((2, 3, 24, 40)).astype(np.float32)
