@@ -185,3 +185,27 @@ def test_evaluate_and_predict_clis(env, baseline, tmp_path):
     assert set(np.unique(ids)) - {0} == {s["id"] for s in ann["segments_info"]}
     assert all(s["category_id"] in cat_ids for s in ann["segments_info"])
     assert (out / "overlays" / ann["file_name"]).exists()
+
+
+@pytest.mark.slow
+def test_two_processes_write_once_and_merge_evaluation(env, tmp_path):
+  """Two CPU processes (gloo) with one device each: one global batch, only process 0 writes metrics,
+  both write their data-iterator state, the evaluation covers every validation image exactly once."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  workdir = tmp_path / "multi"
+  e = dict(env["env"], XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  procs = [subprocess.Popen(
+      command(env, workdir, "--config.total_steps=2", "--config.train.eval_every=2",
+              f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"),
+      env=e, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  errs = [p.communicate(timeout=900)[1] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2, 2]  # two train rows and one eval row: process 0 only
+  assert rows[-1]["num_images"] == 6 and 0.0 <= rows[-1]["pq"] <= 100.0
+  data = sorted(p.name for p in (workdir / "checkpoints" / "2" / "data").glob("process_*"))
+  assert data == ["process_0-of-2.json", "process_1-of-2.json"]
+  assert "2 process(es), 2 devices" in errs[0]
