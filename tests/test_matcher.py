@@ -199,7 +199,7 @@ def random_batch(seed, b=2, q=7, k=5, m=4, h=6, w=8, s=4):
 
 def hf_cost_matrices(batch, weights):
   """The cost matrices `MaskFormerHungarianMatcher` hands to scipy, captured on their way."""
-  torch = pytest.importorskip("torch")
+  import torch
   from transformers.models.maskformer import modeling_maskformer as mm
   captured = []
   real = mm.linear_sum_assignment
@@ -248,7 +248,7 @@ def test_costs_accept_boolean_targets_and_ignore_padded_slots():
 
 
 def test_strided_slice_is_torch_nearest():
-  torch = pytest.importorskip("torch")
+  import torch
   x = np.random.default_rng(0).random((2, 3, 24, 40)).astype(np.float32)
   for s in (1, 2, 4, 8):
     ref = torch.nn.functional.interpolate(torch.tensor(x), size=(24 // s, 40 // s), mode="nearest")
@@ -264,7 +264,7 @@ def test_costs_reject_non_integer_stride():
 
 def test_point_sampled_costs_match_torch():
   """Mask2Former style: the same uniform points for predictions and targets, HF's pairwise formulas."""
-  torch = pytest.importorskip("torch")
+  import torch
   from transformers.models.maskformer import modeling_maskformer as mm
   batch = random_batch(2)
   rng = jax.random.key(7)
@@ -293,7 +293,7 @@ def test_costs_are_not_differentiated():
 
 
 def test_costs_then_matching_end_to_end_agrees_with_hugging_face():
-  torch = pytest.importorskip("torch")
+  import torch
   from transformers.models.maskformer import modeling_maskformer as mm
   batch = random_batch(4, b=2, q=9, m=5)
   weights = dict(cost_class=1.0, cost_mask=20.0, cost_dice=1.0)

@@ -3,10 +3,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from maskformer_jax import points
-
-torch = pytest.importorskip("torch")
 
 
 def torch_point_sample(masks, coords):
