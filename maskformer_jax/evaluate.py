@@ -103,7 +103,7 @@ def evaluate(config, model, state, mesh, eval_step, *, num_images: int = 0, sour
   split = config.data.val_split
   source = source or pipeline.make_source(config, split)
   categories = source.categories
-  loader = pipeline.make_loader(config, split, train=False, seed=config.seed,
+  loader = pipeline.make_loader(config, split, train=False, seed=config.seed, source=source,
                                 shard_index=jax.process_index(), shard_count=jax.process_count())
   acc = make_accumulator(config, categories)
   summaries, count = [], 0

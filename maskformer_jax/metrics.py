@@ -98,9 +98,9 @@ class Progress:
     now = time.time()
     dt = max(now - self.last_time, 1e-9)
     steps_per_s = (step - self.last_step) / dt
-    if self.first_step is None:
+    if self.first_step is None:  # the first interval includes compilation: no ETA from it
       self.first_step, self.first_time = step, now
-      rate = steps_per_s
+      rate = 0.0
     else:
       rate = (step - self.first_step) / max(now - self.first_time, 1e-9)
     self.last_step, self.last_time = step, now

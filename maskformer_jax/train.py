@@ -259,6 +259,7 @@ def train_and_evaluate(config, workdir: str):
   mesh = sharding.make_mesh(config.mesh)
   train_source = pipeline.make_source(config, config.data.train_split)
   check_categories(config, train_source.categories)
+  val_source = pipeline.make_source(config, config.data.val_split) if config.train.eval_every > 0 else None
   metrics_lib.log(f"{jax.process_count()} process(es), {jax.device_count()} devices, mesh "
                   f"{dict(mesh.shape)}; workdir {workdir}")
 
@@ -286,7 +287,7 @@ def train_and_evaluate(config, workdir: str):
   def run_eval(step):
     t = time.time()
     row, images = evaluate_lib.evaluate(config, model, state, mesh, eval_step,
-                                        num_images=config.train.image_summaries)
+                                        num_images=config.train.image_summaries, source=val_source)
     row["eval_time_s"] = time.time() - t
     row["wall_time_s"] = time.time() - t_start
     writer.write(step, row, prefix="eval")

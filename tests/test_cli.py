@@ -124,7 +124,8 @@ def test_disabled_writer_writes_nothing(tmp_path):
 
 def test_progress_eta():
   p = metrics.Progress(total_steps=100, batch_size=8, start_step=0)
-  p.update(10)
+  first = p.update(10)
+  assert first["eta_s"] == float("inf") and "ETA ?" in p.line(10, 2.0, first)  # compile time: no ETA
   p.first_time -= 10.0  # pretend 10 s passed for the next 10 steps
   r = p.update(20)
   assert r["eta_s"] == pytest.approx(80.0, rel=0.05)
