@@ -230,3 +230,28 @@ def test_slotwise_upsampled_losses_and_gradients_equal_the_dense_formula():
   (v1, g1), (v2, g2) = jax.jit(jax.value_and_grad(slotwise))(src), jax.jit(jax.value_and_grad(dense))(src)
   np.testing.assert_allclose(float(v1), float(v2), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), atol=1e-6, rtol=1e-4)
+
+
+def test_mask2former_switches_point_losses_and_point_matching():
+  """point_sampling + matcher_num_points: finite loss and gradients, every valid target matched to
+  a distinct query, padding slots unmatched."""
+  rng = np.random.default_rng(9)
+  batch = make_targets(rng, (4, 1))
+  layers = make_layers(rng, 2, 2)
+  lc = base_config().loss
+  lc.point_sampling, lc.num_points, lc.matcher_num_points = True, 64, 128
+  outputs = dict(layers[1], aux_outputs=layers[:1])
+
+  @jax.jit
+  def run(o):
+    loss = lambda o: criterion.set_criterion(  # noqa: E731
+        o, batch, lc, num_masks=criterion.num_masks(batch), rng=jax.random.key(3))[0]
+    return jax.value_and_grad(loss)(o), criterion.match(o["pred_logits"], o["pred_masks"], batch, lc,
+                                                        jax.random.key(4))
+  (total, grads), indices = run(outputs)
+  assert np.isfinite(float(total)) and all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+  indices = np.asarray(indices)
+  for b in range(2):
+    matched = indices[b][batch["valid"][b]]
+    assert (matched >= 0).all() and len(set(matched.tolist())) == len(matched)
+    assert (indices[b][~batch["valid"][b]] == -1).all()
