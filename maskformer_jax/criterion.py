@@ -113,7 +113,7 @@ def match(pred_logits, pred_masks, batch, loss_config, rng=None):
   lc = loss_config
   segments, num_slots = batch["segments"], batch["labels"].shape[1]
   if lc.matcher_num_points > 0:  # Mask2Former: costs on points sampled from the full-res masks
-    tgt = target_masks(segments, num_slots)
+    tgt = segments[:, None] == jnp.arange(num_slots)[None, :, None, None]  # bool: 1 byte a pixel
   else:  # original: nearest-downsample the targets to the prediction size
     tgt = target_masks(segments, num_slots, segments.shape[1] // pred_masks.shape[2])
   cost = matcher_lib.matching_costs(
