@@ -3,8 +3,10 @@
   python -m maskformer_jax.train --config configs/demo.py --workdir runs/demo
 
 With `data.root` empty the synthetic dataset (3 thing + 2 stuff classes, maskformer_jax/data/synthetic.py)
-is generated once under $MASKFORMER_DATA or ~/.cache/maskformer_jax and reused. Training, the periodic
-evaluations on the full held-out split (100 images) and the final one fit in 10 minutes on 2 CPU cores.
+is generated once under $MASKFORMER_DATA or ~/.cache/maskformer_jax and reused (7 s). Generation,
+compilation (~35 s), 2500 steps, evaluations every 250 steps on the full held-out split (100 images)
+and the final one took 4 min 21 s on the 2-core development VM and reached PQ 68.3 (things 49.4, stuff
+96.7); the curve is in docs/benchmarks.md. The run is deterministic: the same PQ every time.
 
 What differs from the published recipes, and why (small data, a few thousand steps, no pretraining):
 - Model: ResNet-18 layout at width 16 with trainable BatchNorm (from scratch: frozen random statistics
@@ -27,7 +29,7 @@ def get_config():
   c = base_config()
   c.seed = 0
   c.batch_size = 8
-  c.total_steps = 3000
+  c.total_steps = 2500  # ~4.5 min on 2 idle cores; 4000 steps: PQ +1, 6 min (docs/benchmarks.md)
 
   m = c.model
   m.backbone = "resnet"
@@ -75,7 +77,7 @@ def get_config():
 
   t = c.train
   t.log_every = 50
-  t.eval_every = 500
+  t.eval_every = 250  # ~1 s each on the 100 held-out images: the PQ-vs-time curve
   t.checkpoint_every = 500
   t.keep_checkpoints = 2
   t.image_summaries = 4
