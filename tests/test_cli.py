@@ -115,6 +115,35 @@ def test_metric_writer_rows_and_resume(tmp_path):
   assert [r["step"] for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")] == [1]
 
 
+def _tensorboard_values(path):
+  """(tag, scalar or None, image (h, w) or None) of every summary value in a TensorBoard event file."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  data, i, out = path.read_bytes(), 0, []
+  while i < len(data):
+    n = struct.unpack("<Q", data[i:i + 8])[0]
+    event = event_pb2.Event()
+    event.ParseFromString(data[i + 12:i + 12 + n])
+    i += 12 + n + 4
+    for v in event.summary.value:
+      image = (v.image.height, v.image.width) if v.HasField("image") else None
+      out.append((v.tag, v.simple_value if image is None else None, image))
+  return out
+
+
+def test_tensorboard_scalars_and_images(tmp_path):
+  w = metrics.MetricWriter(str(tmp_path), enabled=True)
+  w.write(5, {"pq": 42.5, "note": "text is not a scalar"}, prefix="eval")
+  w.images(5, "eval/image_gt_prediction", np.zeros((2, 8, 20, 3), np.uint8))
+  w.close()
+  (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+  values = _tensorboard_values(events)
+  assert ("eval/pq", 42.5, None) in values
+  assert [v for v in values if v[2]] == [("eval/image_gt_prediction/0", None, (8, 20)),
+                                         ("eval/image_gt_prediction/1", None, (8, 20))]
+  assert not any("note" in v[0] for v in values)
+
+
 def test_disabled_writer_writes_nothing(tmp_path):
   w = metrics.MetricWriter(str(tmp_path), enabled=False)
   w.write(1, {"loss": 1.0})
