@@ -7,11 +7,9 @@ summed over the processes, so the number is the dataset-level metric (never a pe
 `evaluate()` is what train.py calls during training.
 """
 import json
-import os
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 import numpy as np
 

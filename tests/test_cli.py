@@ -1,5 +1,4 @@
 """Command-line plumbing and configuration errors: they must fail before compilation, saying what to do."""
-import json
 import os
 import pathlib
 import subprocess
