@@ -9,49 +9,65 @@ import os
 import time
 
 from absl import logging
+from etils import epath
 import jax
 import numpy as np
 
 
 class MetricWriter:
-  """Appends rows to metrics.jsonl and mirrors scalars (and images) to TensorBoard."""
+  """Appends rows to metrics.jsonl and mirrors scalars (and images) to TensorBoard.
+
+  A remote workdir (gs://...) cannot be appended to: there the whole file is rewritten at each write
+  (a few hundred kB at most; rows are written every log_every steps).
+  """
 
   def __init__(self, workdir, *, enabled: bool | None = None, resume_step: int | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    workdir = os.fspath(workdir)
+    self.path = epath.Path(workdir) / "metrics.jsonl"
+    self._local = "://" not in workdir
     self._tb = None
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self._lines = [] if self._local else self._read_lines()
     if resume_step is not None:
       self.drop_after(resume_step)
     from tensorboardX import SummaryWriter  # imported here: processes other than 0 never need it
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
 
+  def _read_lines(self):
+    return self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+
   def drop_after(self, step: int):
     """Forgets rows past `step`: a resumed run re-does those steps and would duplicate them."""
-    if not os.path.exists(self.path):
-      return
-    with open(self.path) as f:
-      lines = f.readlines()
     kept = []
-    for line in lines:
+    for line in self._read_lines():
       try:
         if json.loads(line)["step"] <= step:
-          kept.append(line)
+          kept.append(line if line.endswith("\n") else line + "\n")
       except (ValueError, KeyError, TypeError):
         pass  # a line cut short by a kill
-    with open(self.path + ".tmp", "w") as f:
-      f.writelines(kept)
-    os.replace(self.path + ".tmp", self.path)
+    if self._local:  # write-then-rename: a kill here never loses the rows before `step`
+      tmp = self.path.parent / (self.path.name + ".tmp")
+      tmp.write_text("".join(kept))
+      os.replace(tmp, self.path)
+    else:
+      self.path.write_text("".join(kept))
+      self._lines = kept
 
   def write(self, step: int, row: dict, *, prefix: str = ""):
     """One jsonl row {step, **row}; numeric entries also go to TensorBoard as `prefix/key`."""
     if not self.enabled:
       return
     row = {k: _py(v) for k, v in row.items()}
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": int(step), **row}) + "\n")
+    line = json.dumps({"step": int(step), **row}) + "\n"
+    if self._local:
+      with open(self.path, "a") as f:
+        f.write(line)
+    else:
+      self._lines.append(line)
+      self.path.write_text("".join(self._lines))
     for k, v in row.items():
       if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
         self._tb.add_scalar(f"{prefix}/{k}" if prefix else k, v, int(step))
