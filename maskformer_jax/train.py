@@ -18,6 +18,7 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
@@ -278,6 +279,8 @@ def train_and_evaluate(config, workdir: str):
     state = restored
     metrics_lib.log(f"Resumed from the checkpoint at step {step}.")
   writer = metrics_lib.MetricWriter(workdir, resume_step=step)
+  if jax.process_index() == 0:  # what this workdir was trained with, overrides included
+    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   train_step = train_step_lib.make_train_step(config, model, mesh)
   eval_step = train_step_lib.make_eval_step(config, model, mesh)

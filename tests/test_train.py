@@ -89,7 +89,7 @@ def baseline(env):
 
 
 @pytest.mark.slow
-def test_uninterrupted_run_writes_metrics_and_checkpoints(baseline):
+def test_uninterrupted_run_writes_metrics_and_checkpoints(env, baseline):
   workdir, rows = baseline
   assert [r["step"] for r in rows] == list(range(1, TOTAL + 1))
   for key in ("loss", "loss_ce", "loss_mask", "loss_dice", "learning_rate", "grad_norm", "skipped_steps",
@@ -99,6 +99,8 @@ def test_uninterrupted_run_writes_metrics_and_checkpoints(baseline):
   # keep_checkpoints=3 of 4, 8, 12.
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [4, 8, 12]
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["total_steps"] == TOTAL and config["data"]["root"] == str(env["data"])
   state = final_state(workdir)
   assert int(state["step"]) == TOTAL
 
@@ -127,14 +129,19 @@ def test_sigterm_saves_exits_zero_and_resumes_identically(env, baseline):
 def test_sigkill_resumes_from_last_complete_checkpoint_identically(env, baseline):
   workdir = env["base"] / "sigkill"
   proc = start(env, workdir)
-  # Kill as soon as the first checkpoint is complete: the next save is usually under way or about to be.
-  wait_for(lambda: (workdir / "checkpoints" / "4").exists(), proc)
+  ckpts = workdir / "checkpoints"
+  # Once the first checkpoint is complete, kill while the next one is being written (orbax's temporary
+  # directory exists), or at the latest at step 10 if that moment was missed.
+  wait_for(lambda: (ckpts / "4").exists(), proc)
+  mid_save = lambda: any("tmp" in p.name for p in ckpts.iterdir())  # noqa: E731
+  wait_for(lambda: mid_save() or last_step(workdir) >= 10, proc)
   proc.send_signal(signal.SIGKILL)
   proc.communicate(timeout=60)
   assert proc.returncode == -signal.SIGKILL
   r = run(env, workdir)
   assert "Resumed from the checkpoint at step" in r.stderr
   assert_same_state(final_state(baseline[0]), final_state(workdir))
+  assert not any("tmp" in p.name for p in ckpts.iterdir())  # the half-written one was cleaned up
 
 
 @pytest.mark.slow
