@@ -125,7 +125,8 @@ def predict(config, state, model, mesh, paths, out_dir, categories):
       Image.fromarray(id_to_rgb(id_map)).save(os.path.join(out_dir, "panoptic", stem + ".png"))
       Image.fromarray(overlay(image, id_map, segments_info, categories)).save(
           os.path.join(out_dir, "overlays", stem + ".png"))
-      annotations.append({"file_name": stem + ".png", "image_file": os.path.basename(path),
+      annotations.append({"image_id": int(stem) if stem.isdigit() else stem,  # COCO files: the id
+                          "file_name": stem + ".png", "image_file": os.path.basename(path),
                           "segments_info": [{k2: s[k2] for k2 in ("id", "category_id", "isthing", "score",
                                                                   "area")} for s in segments_info]})
   result = {"annotations": annotations,
