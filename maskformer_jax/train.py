@@ -35,7 +35,6 @@ flags.DEFINE_integer("num_processes", 1, "With --coordinator_address: number of 
 flags.DEFINE_integer("process_id", 0, "With --coordinator_address: this process's index.")
 
 
-
 def _multihost_environment() -> bool:
   """A TPU pod slice (several workers), Multislice, or a SLURM / MPI job of several tasks."""
   env = os.environ

@@ -205,3 +205,18 @@ def test_merge_pretrained_variables():
     train._merge_variables(state, {"params": {"a": {"kernel": np.ones((3, 3))}}}, what="test")
   with pytest.raises(ValueError, match="not in the model"):
     train._merge_variables(state, {"params": {"c": {"kernel": np.ones((3, 3))}}}, what="test")
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, False),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, False),  # a single-host TPU VM: nothing to initialise
+    ({"TPU_WORKER_HOSTNAMES": "t1-w-0,t1-w-1"}, True),  # a pod slice
+    ({"SLURM_NTASKS": "4"}, True),
+    ({"SLURM_NTASKS": "1"}, False),
+])
+def test_multihost_detection(monkeypatch, env, expected):
+  for k in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+    monkeypatch.delenv(k, raising=False)
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  assert train._multihost_environment() is expected
