@@ -15,6 +15,7 @@ import numpy as np
 
 from maskformer_jax import checkpoint
 from maskformer_jax import metrics as metrics_lib
+from maskformer_jax.evaluation import sum_across_hosts
 
 # Colours of the synthetic classes and otherwise a fixed palette, by contiguous class.
 _PALETTE = np.array([
@@ -85,10 +86,9 @@ def merge_over_processes(acc):
   """Sums the accumulator state over all processes (every process gets the total)."""
   if jax.process_count() == 1:
     return acc
-  from jax.experimental import multihost_utils
-  states = multihost_utils.process_allgather(acc.state())  # [processes, ...]
+  total = sum_across_hosts(acc.state())  # bit-exact: float64 / int64 states travel as bytes
   acc.reset()
-  acc.merge(states)
+  acc.merge(total)
   return acc
 
 
@@ -132,20 +132,13 @@ def evaluate(config, model, state, mesh, eval_step, *, num_images: int = 0, sour
         summaries.append(_side_by_side(original_image(batch, i), *views))
   acc = merge_over_processes(acc)
   row = metric_row(acc.result(), config.eval.task)
-  row["num_images"] = _sum_over_processes(count)
+  row["num_images"] = int(sum_across_hosts(np.asarray([count], np.int64))[0])
   images = None
   if summaries:
     h = max(s.shape[0] for s in summaries)
     w = max(s.shape[1] for s in summaries)
     images = np.stack([np.pad(s, ((0, h - s.shape[0]), (0, w - s.shape[1]), (0, 0))) for s in summaries])
   return row, images
-
-
-def _sum_over_processes(n: int) -> int:
-  if jax.process_count() == 1:
-    return int(n)
-  from jax.experimental import multihost_utils
-  return int(np.sum(multihost_utils.process_allgather(np.asarray(n))))
 
 
 def metric_row(result: dict, task: str) -> dict:

@@ -24,6 +24,7 @@ from PIL import Image
 
 from maskformer_jax import checkpoint
 from maskformer_jax import evaluate as evaluate_lib
+from maskformer_jax.evaluation import id2rgb
 
 flags.DEFINE_string("checkpoint", None, "Training workdir, a step directory in it, or a converted checkpoint.")
 flags.DEFINE_string("step", "latest", "With a workdir: 'latest', 'best' or a step number.")
@@ -31,12 +32,6 @@ flags.DEFINE_string("images", None, "Glob pattern of input images (quote it).")
 flags.DEFINE_string("out", None, "Output directory.")
 flags.DEFINE_string("categories", "", "JSON file with the categories (a COCO panoptic annotation file or a "
                     "list of {id, name, isthing}); default: those of config.data.")
-
-
-def id_to_rgb(id_map):
-  """Segment ids -> COCO panoptic PNG colours (R + 256 G + 256^2 B)."""
-  ids = np.asarray(id_map, np.int64)
-  return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], -1).astype(np.uint8)
 
 
 def overlay(image, id_map, segments_info, categories, alpha=0.5):
@@ -122,7 +117,7 @@ def predict(config, state, model, mesh, paths, out_dir, categories):
         overlap_threshold=config.eval.overlap_threshold)
     for path, image, (id_map, segments_info) in zip(chunk, images, results):
       stem = os.path.splitext(os.path.basename(path))[0]
-      Image.fromarray(id_to_rgb(id_map)).save(os.path.join(out_dir, "panoptic", stem + ".png"))
+      Image.fromarray(id2rgb(id_map)).save(os.path.join(out_dir, "panoptic", stem + ".png"))
       Image.fromarray(overlay(image, id_map, segments_info, categories)).save(
           os.path.join(out_dir, "overlays", stem + ".png"))
       annotations.append({"image_id": int(stem) if stem.isdigit() else stem,  # COCO files: the id
