@@ -141,6 +141,24 @@ def evaluate(config, model, state, mesh, eval_step, *, num_images: int = 0, sour
   return row, images
 
 
+def best_metric(config) -> str:
+  """The metric the best checkpoint is chosen by."""
+  return "miou" if config.eval.task == "semantic" else "pq"
+
+
+def restore_checkpoint(config, model, mesh, workdir, which="latest"):
+  """(state, step) from a training workdir: which = 'latest', 'best' (by PQ / mIoU) or a step number."""
+  from maskformer_jax import train_step as train_step_lib
+  state = train_step_lib.init_state(config, model, mesh, jax.random.key(config.seed))
+  manager = checkpoint.make_manager(workdir, keep=config.train.keep_checkpoints,
+                                    best_metric=best_metric(config))
+  step = None if which == "latest" else (checkpoint.best_step(manager) if which == "best" else int(which))
+  state, step = checkpoint.restore(manager, state, step=step)
+  if state is None:
+    raise SystemExit(f"No checkpoint in {workdir}/checkpoints: train first (maskformer_jax.train).")
+  return state, step
+
+
 def metric_row(result: dict, task: str) -> dict:
   """The accumulator's result as a flat row in percent: pq/sq/rq (+ _th, _st) or miou (+ macc, ...)."""
   if task == "panoptic":
@@ -161,21 +179,14 @@ def main(argv):
   from maskformer_jax import train_step as train_step_lib
   from maskformer_jax.models import build_model
   f = flags.FLAGS
+  train_lib.quiet_library_logs()
   train_lib.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
   config = train_lib._CONFIG.value
   train_lib.validate_config(config, num_devices=jax.device_count(), num_processes=jax.process_count())
   config = train_lib.resolve_data_root(config)
   mesh = sharding.make_mesh(config.mesh)
   model = build_model(config.model)
-  state = train_step_lib.init_state(config, model, mesh, jax.random.key(config.seed))
-  best_metric = "miou" if config.eval.task == "semantic" else "pq"
-  manager = checkpoint.make_manager(f.workdir, keep=config.train.keep_checkpoints,
-                                    best_metric=best_metric)
-  which = f.checkpoint
-  step = None if which == "latest" else (checkpoint.best_step(manager) if which == "best" else int(which))
-  state, step = checkpoint.restore(manager, state, step=step)
-  if state is None:
-    raise SystemExit(f"No checkpoint in {f.workdir}/checkpoints: train first (maskformer_jax.train).")
+  state, step = restore_checkpoint(config, model, mesh, f.workdir, f.checkpoint)
   eval_step = train_step_lib.make_eval_step(config, model, mesh)
   row, images = evaluate(config, model, state, mesh, eval_step, num_images=config.train.image_summaries)
   row["checkpoint_step"] = step

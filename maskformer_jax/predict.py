@@ -22,7 +22,6 @@ import jax
 import numpy as np
 from PIL import Image
 
-from maskformer_jax import checkpoint
 from maskformer_jax import evaluate as evaluate_lib
 from maskformer_jax.evaluation import id2rgb
 
@@ -75,7 +74,6 @@ def load_state(config, model, mesh, checkpoint_path, step="latest"):
   """The train state from a workdir / step directory, or the weights of a converted checkpoint."""
   from maskformer_jax import train as train_lib
   from maskformer_jax import train_step as train_step_lib
-  state = train_step_lib.init_state(config, model, mesh, jax.random.key(config.seed))
   path = os.path.abspath(checkpoint_path.rstrip("/"))
   name = os.path.basename(path)
   if name.isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints":
@@ -85,14 +83,11 @@ def load_state(config, model, mesh, checkpoint_path, step="latest"):
   else:  # a converted checkpoint
     with config.unlocked():
       config.init.checkpoint = path
+    state = train_step_lib.init_state(config, model, mesh, jax.random.key(config.seed))
     return train_lib.load_pretrained(config, state, mesh)
-  manager = checkpoint.make_manager(workdir, keep=config.train.keep_checkpoints)
-  step = None if step == "latest" else (checkpoint.best_step(manager) if step == "best" else int(step))
-  restored, step = checkpoint.restore(manager, state, step=step)
-  if restored is None:
-    raise SystemExit(f"No checkpoint found in {workdir}/checkpoints.")
+  state, step = evaluate_lib.restore_checkpoint(config, model, mesh, workdir, step)
   logging.info("Predicting with the checkpoint at step %d of %s", step, workdir)
-  return restored
+  return state
 
 
 def predict(config, state, model, mesh, paths, out_dir, categories):

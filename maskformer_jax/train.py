@@ -269,7 +269,7 @@ def train_and_evaluate(config, workdir: str):
                                 shard_index=jax.process_index(), shard_count=jax.process_count())
   data_iter = iter(loader)
 
-  best_metric = "miou" if config.eval.task == "semantic" else "pq"
+  best_metric = evaluate_lib.best_metric(config)
   manager = checkpoint.make_manager(workdir, keep=config.train.keep_checkpoints, best_metric=best_metric)
   restored, step = checkpoint.restore(manager, state, data_iter)
   if restored is None:
