@@ -82,6 +82,18 @@ def original_category_ids(segments_info, categories):
   return [{**s, "category_id": to_id[s["category_id"]]} for s in segments_info]
 
 
+def semantic_labels(id_map, segments_info, ignore_label=255):
+  """A panoptic ground truth (contiguous category ids) as a semantic label map; void -> ignore_label."""
+  if not segments_info:
+    return np.full(np.shape(id_map), ignore_label, np.int32)
+  ids = np.array([s["id"] for s in segments_info], np.int64)
+  classes = np.array([s["category_id"] for s in segments_info], np.int32)
+  order = np.argsort(ids)
+  ids, classes = ids[order], classes[order]
+  pos = np.minimum(np.searchsorted(ids, id_map), len(ids) - 1)
+  return np.where(ids[pos] == id_map, classes[pos], ignore_label).astype(np.int32)
+
+
 def merge_over_processes(acc):
   """Sums the accumulator state over all processes (every process gets the total)."""
   if jax.process_count() == 1:
@@ -120,6 +132,8 @@ def evaluate(config, model, state, mesh, eval_step, *, num_images: int = 0, sour
         gt = (gt[0], original_category_ids(gt[1], categories))
         acc.add(result[0], result[1], gt[0], gt[1])
       else:
+        if isinstance(gt, tuple):  # a panoptic dataset evaluated semantically
+          gt = semantic_labels(*gt, ignore_label=config.data.ignore_label)
         acc.add(result, gt)
       count += 1
       if len(summaries) < num_images and jax.process_index() == 0:

@@ -220,3 +220,23 @@ def test_multihost_detection(monkeypatch, env, expected):
   for k, v in env.items():
     monkeypatch.setenv(k, v)
   assert train._multihost_environment() is expected
+
+
+def test_semantic_evaluation_of_a_panoptic_dataset(tmp_path):
+  """task='semantic' on COCO-format data: the ground truth becomes a label map (void -> ignore)."""
+  from maskformer_jax import evaluate
+  from maskformer_jax.data import pipeline
+  from maskformer_jax.data import synthetic
+  c = tiny()
+  c.eval.task = "semantic"
+  c.data.root = synthetic.generate(tmp_path / "data", num_train=2, num_val=3, image_size=(64, 64), seed=2)
+  source = pipeline.make_source(c, c.data.val_split)
+  id_map, info = source.ground_truth(int(source.image_ids[0]))
+  labels = evaluate.semantic_labels(id_map, info, ignore_label=255)
+  for s in info:
+    assert (labels[id_map == s["id"]] == s["category_id"]).all()
+  assert (labels[id_map == 0] == 255).all()
+  acc = evaluate.make_accumulator(c, source.categories)
+  acc.add(np.where(labels == 255, 0, labels), labels)
+  assert evaluate.metric_row(acc.result(), "semantic")["miou"] == pytest.approx(100.0)
+  assert evaluate.semantic_labels(np.zeros((2, 2), np.int64), [], 255).tolist() == [[255, 255]] * 2
