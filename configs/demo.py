@@ -15,7 +15,7 @@ What differs from the published recipes, and why (small data, a few thousand ste
   most 8 segments), no dropout (a few epochs of clean synthetic data do not overfit).
 - Resolution 64x64: the shapes stay 4-10 pixels across at stride 4, and a step costs ~1/15 of 256x256.
 - Optimizer: LR 1e-3 (10x the original; the model is 100x smaller and trains from scratch), no backbone
-  multiplier (nothing pretrained to protect), linear warm-up over 100 steps from 1e-5, poly decay to 0.
+  multiplier (nothing pretrained to protect), linear warm-up over 100 steps from 1e-5 (factor 0.01), poly decay to 0.
   The loss is the original's: CE with no-object weight 0.1, focal x20, dice x1, deep supervision, and
   full-model gradient clipping at 0.01 (AdamW is invariant to the gradient scale, so it only matters for
   outliers).
@@ -56,7 +56,7 @@ def get_config():
   o.poly_power = 0.9
   o.decay_steps = ()
   o.warmup_steps = 100
-  o.warmup_init_lr = 1e-5
+  o.warmup_factor = 0.01  # from 1e-5
 
   d = c.data
   d.dataset = "coco_panoptic"

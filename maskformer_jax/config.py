@@ -60,11 +60,15 @@ def base_config() -> ml_collections.ConfigDict:
   o.decay_factor = 0.1
   o.poly_power = 0.9
   o.warmup_steps = 10
-  o.warmup_init_lr = 0.0  # linear warm-up starts here (poly recipes: 1e-6)
+  o.warmup_factor = 1.0  # detectron2 WARMUP_FACTOR: the LR starts at base_lr * this (1.0: no warm-up)
   o.clip_norm = 0.01  # full-model global L2 norm
   o.b1 = 0.9
   o.b2 = 0.999
   o.eps = 1e-8
+  # Which parameters get the backbone LR multiplier / no weight decay (re.search on "a/b/kernel" paths).
+  o.backbone_regex = r"^backbone/"
+  o.no_decay_regex = (r"(^|/)[^/]*(bn|gn|norm)[^/]*/(scale|bias)$|/embedding$|(^|/)query_embed/"
+                      r"|relative_position_bias_table|absolute_pos_embed")
 
   c.data = d = ml_collections.ConfigDict()
   d.dataset = "coco_panoptic"  # "coco_panoptic", "ade20k", "tfds_coco_panoptic"

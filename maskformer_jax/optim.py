@@ -7,8 +7,8 @@ weight decay 0 on every norm layer and embedding; "full_model" gradient clipping
 lr(t) = base_lr * warmup(t) * decay(t), with the linear warm-up factor multiplying the decay.
 
 Which parameters are "backbone", "norm" or "embedding" is decided by regexes over the '/'-joined
-parameter path (config-driven: `config.optim.backbone_regex` / `no_decay_regex` when present, else the
-defaults below, written against the naming in maskformer_jax/models).
+parameter path: `config.optim.backbone_regex` / `no_decay_regex` (maskformer_jax/config.py), written
+against the naming in maskformer_jax/models.
 """
 import re
 
@@ -16,21 +16,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# Parameter paths look like 'backbone/res2_0/conv1/kernel' (naming in models/maskformer.py). Norm
-# modules (BatchNorm `*bn*`, GroupNorm `gn`, LayerNorm `*norm*`) and embeddings (the learned queries;
-# Swin's position tables) get no weight decay, like detectron2's weight_decay_norm/_embed = 0. The
-# heads `class_embed`/`mask_embed` are Linear layers and do get weight decay.
-BACKBONE_REGEX = r"^backbone/"
-NO_DECAY_REGEX = (r"(^|/)[^/]*(bn|gn|norm)[^/]*/(scale|bias)$|/embedding$|(^|/)query_embed/"
-                  r"|relative_position_bias_table|absolute_pos_embed")
-
 
 def _path(path):
   return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
-def _opt(config, key, default):
-  return config.optim[key] if key in config.optim else default
 
 
 def param_labels(params, regex):
@@ -41,13 +29,13 @@ def param_labels(params, regex):
 
 def decay_mask(config, params):
   """True where weight decay applies (everything but norms and embeddings)."""
-  no_decay = param_labels(params, _opt(config, "no_decay_regex", NO_DECAY_REGEX))
+  no_decay = param_labels(params, config.optim.no_decay_regex)
   return jax.tree.map(lambda x: not x, no_decay)
 
 
 def lr_multipliers(config, params):
   """Per-parameter LR multiplier: config.optim.backbone_multiplier under the backbone, else 1."""
-  backbone = param_labels(params, _opt(config, "backbone_regex", BACKBONE_REGEX))
+  backbone = param_labels(params, config.optim.backbone_regex)
   mult = float(config.optim.backbone_multiplier)
   return jax.tree.map(lambda b: mult if b else 1.0, backbone)
 
@@ -56,12 +44,13 @@ def learning_rate(config):
   """The schedule step -> lr of config.optim.schedule ('step' or 'poly'), warm-up included.
 
   Warm-up (detectron2 'linear'): factor = w + (1 - w) * t / warmup_steps for t < warmup_steps, with
-  w = warmup_init_lr / base_lr, so the first step runs at warmup_init_lr. The original COCO recipe uses
-  detectron2's WARMUP_FACTOR 1.0 (warm-up without effect); warmup_init_lr = base_lr reproduces it.
+  w = config.optim.warmup_factor, so the first step runs at base_lr * w. A factor rather than an absolute
+  LR, as in detectron2, so that sweeping base_lr keeps the warm-up's shape. The original COCO R50 recipe
+  has WARMUP_FACTOR 1.0 (its 10 warm-up steps have no effect); the Swin recipes 1e-6 over 1500 steps.
   """
   o = config.optim
   base, warm = float(o.base_lr), int(o.warmup_steps)
-  w0 = float(o.warmup_init_lr) / base if base else 0.0
+  w0 = float(o.warmup_factor)
   total = float(config.total_steps)
   boundaries = jnp.asarray(tuple(o.decay_steps) or (total + 1,), jnp.float32)
 

@@ -22,7 +22,7 @@ def config(**optim_overrides):
 
 
 def test_step_schedule_with_linear_warmup():
-  c = config(schedule="step", base_lr=1e-4, warmup_steps=10, warmup_init_lr=0.0, decay_steps=(50, 80),
+  c = config(schedule="step", base_lr=1e-4, warmup_steps=10, warmup_factor=0.0, decay_steps=(50, 80),
              decay_factor=0.1)
   lr = optim.learning_rate(c)
   expected = {0: 0.0, 5: 0.5e-4, 9: 0.9e-4, 10: 1e-4, 49: 1e-4, 50: 1e-5, 79: 1e-5, 80: 1e-6, 99: 1e-6}
@@ -31,21 +31,21 @@ def test_step_schedule_with_linear_warmup():
 
 
 def test_step_schedule_warmup_factor_one_is_constant():
-  """detectron2's WARMUP_FACTOR 1.0 (the original COCO recipe) == warmup_init_lr = base_lr."""
-  c = config(schedule="step", base_lr=1e-4, warmup_steps=10, warmup_init_lr=1e-4, decay_steps=(50,))
+  """detectron2's WARMUP_FACTOR 1.0 (the original COCO recipe): its 10 warm-up steps change nothing."""
+  c = config(schedule="step", base_lr=1e-4, warmup_steps=10, warmup_factor=1.0, decay_steps=(50,))
   lr = optim.learning_rate(c)
   assert [float(lr(t)) for t in (0, 3, 9, 10)] == pytest.approx([1e-4] * 4, rel=1e-6)
 
 
 def test_poly_schedule_with_warmup():
   """MaskFormer's WarmupPolyLR: base * warmup_factor(t) * (1 - t / max_iters) ** 0.9."""
-  c = config(schedule="poly", base_lr=6e-5, warmup_steps=10, warmup_init_lr=1e-6, poly_power=0.9)
+  c = config(schedule="poly", base_lr=6e-5, warmup_steps=10, warmup_factor=1e-2, poly_power=0.9)
   lr = optim.learning_rate(c)
-  w0 = 1e-6 / 6e-5
+  w0 = 1e-2
   for t in (0, 4, 10, 37, 99):
     warm = w0 + (1 - w0) * t / 10 if t < 10 else 1.0
     np.testing.assert_allclose(float(lr(t)), 6e-5 * warm * (1 - t / 100) ** 0.9, rtol=1e-5)
-  np.testing.assert_allclose(float(lr(0)), 1e-6, rtol=1e-5)
+  np.testing.assert_allclose(float(lr(0)), 6e-7, rtol=1e-5)
   np.testing.assert_allclose(float(lr(50)), 6e-5 * 0.5 ** 0.9, rtol=1e-5)
   assert float(lr(100)) == 0.0
 
