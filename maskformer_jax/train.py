@@ -55,7 +55,7 @@ def initialize_distributed(coordinator_address="", num_processes=1, process_id=0
 # Configuration checks: everything that can be known wrong before building and compiling the model.
 
 _CHOICES = {
-    ("model", "backbone"): ("resnet", "swin"),
+    ("model", "backbone"): ("resnet",),  # Swin: not yet implemented
     ("model", "backbone_norm"): ("frozen_bn", "bn"),
     ("model", "pixel_decoder"): ("base", "transformer_encoder"),
     ("model", "dtype"): ("float32", "bfloat16"),
