@@ -1,12 +1,10 @@
 """MaskFormer R101 "+6 Enc" on COCO panoptic: the original recipe (PQ 47.6 published)."""
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
-import coco_panoptic_r50  # noqa: E402
+from maskformer_jax.config import load_config
 
 
 def get_config():
-  c = coco_panoptic_r50.get_config()
+  c = load_config(os.path.join(os.path.dirname(__file__), "coco_panoptic_r50.py"))
   c.model.resnet_depth = 101
   return c

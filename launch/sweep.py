@@ -11,21 +11,15 @@ its next run only after the previous one ends, so list as many TPUs as runs to r
 """
 import argparse
 import ast
-import importlib.util
 import itertools
 import os
 import shlex
 import subprocess
 import sys
 
+from maskformer_jax.config import load_config
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def load_config(path):
-  spec = importlib.util.spec_from_file_location("sweep_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def parse_value(text):

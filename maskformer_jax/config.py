@@ -4,7 +4,21 @@ Config files in `configs/` start from `base_config()` and override what their va
 key that is misspelt on the command line (`--config.optim.base_lr=...`) fails loudly instead of being
 ignored. Defaults are the original MaskFormer's (../shared/SPEC.md): change them only with a reason.
 """
+import importlib.util
+import os
+
 import ml_collections
+
+
+def load_config(path) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file given by path (what --config names), e.g. configs/demo.py."""
+  path = os.fspath(path)
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  if spec is None or not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} not found (expected e.g. configs/demo.py)")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def base_config() -> ml_collections.ConfigDict:

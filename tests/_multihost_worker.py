@@ -5,13 +5,14 @@ fake CPU devices: joins a 2-process jax.distributed job over gloo, places the gi
 (`to_host` layout) on the global mesh, feeds this process's half of the global batch and writes the
 step's metrics (process 0).
 """
-import importlib.util
 import json
 import pathlib
 import pickle
 import sys
 
 import numpy as np
+
+from maskformer_jax.config import load_config  # no jax import: the worker sets up jax itself
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GLOBAL_BATCH = 8
@@ -39,10 +40,7 @@ def from_host(host, config, model, mesh):
 def make_config(**model_overrides):
   """configs/tiny.py with a global batch of 8, the original's frozen BN and no dropout, so that every
   example's loss is independent of how the batch is split (over devices, processes, micro-batches)."""
-  spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = load_config(ROOT / "configs" / "tiny.py")
   c.batch_size = GLOBAL_BATCH
   c.model.dropout = 0.0
   c.model.backbone_norm = "frozen_bn"

@@ -15,11 +15,8 @@ TINY = ROOT / "configs" / "tiny.py"
 
 
 def tiny():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("tiny", TINY)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  from maskformer_jax.config import load_config
+  return load_config(TINY)
 
 
 def test_valid_config_passes():

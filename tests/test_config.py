@@ -1,16 +1,13 @@
-import importlib.util
 import pathlib
 
 import pytest
 
+from maskformer_jax.config import load_config
+
 CONFIGS = sorted(pathlib.Path(__file__).parent.parent.joinpath("configs").glob("*.py"))
 
 
-def load(path):
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+load = load_config
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -27,3 +24,8 @@ def test_unknown_key_is_an_error():
   c = load(CONFIGS[0])
   with pytest.raises(AttributeError):
     c.optim.base_lrr = 1.0  # a misspelt override must not pass silently
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nope.py"):
+    load_config(tmp_path / "nope.py")

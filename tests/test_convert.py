@@ -369,13 +369,9 @@ def _count(variables) -> int:
 
 
 def test_r50_ade20k_parameter_count_matches_hf_and_paper():
-  import importlib.util
   import pathlib
-  path = pathlib.Path(__file__).parent.parent / "configs" / "ade20k_r50.py"
-  spec = importlib.util.spec_from_file_location("ade20k_r50", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  mcfg = mod.get_config().model
+  from maskformer_jax.config import load_config
+  mcfg = load_config(pathlib.Path(__file__).parent.parent / "configs" / "ade20k_r50.py").model
   ours = _count(abstract_variables(build_model(mcfg)))
   hf = MaskFormerForInstanceSegmentation(MaskFormerConfig(
       backbone_config=ResNetConfig(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3],

@@ -1,7 +1,6 @@
 """The model's contract (docs/interfaces.md): outputs, variable collections and names, dropout, BN modes,
 input checks, bfloat16, and the small pieces checked against torch/HF."""
 import functools
-import importlib.util
 import pathlib
 import re
 
@@ -14,6 +13,7 @@ import torch
 from flax.traverse_util import flatten_dict
 from transformers.models.maskformer.modeling_maskformer import MaskFormerSinePositionEmbedding
 
+from maskformer_jax import config as config_lib
 from maskformer_jax.models import build_model, normalize_image
 from maskformer_jax.models.backbone import FrozenBatchNorm
 from maskformer_jax.models.pixel_decoder import upsample_nearest
@@ -24,11 +24,7 @@ NORM_RE = re.compile(r"(^|/)[^/]*(bn|gn|norm)[^/]*/(scale|bias)$")
 
 
 def load_config(name):
-  path = pathlib.Path(__file__).parent.parent / "configs" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(name, path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+  return config_lib.load_config(pathlib.Path(__file__).parent.parent / "configs" / f"{name}.py")
 
 
 def tiny(**overrides):

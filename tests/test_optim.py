@@ -1,6 +1,5 @@
 """The optimizer: schedules against hand-computed values, LR multipliers and weight-decay masks by
 inspecting updates, full-model clipping."""
-import importlib.util
 import pathlib
 
 import jax
@@ -122,11 +121,8 @@ def test_masks_on_the_real_model_naming():
   scales/biases and the learned queries are excluded from weight decay, and only `backbone/`
   parameters get the LR multiplier."""
   from maskformer_jax.models import build_model
-  path = pathlib.Path(__file__).parent.parent / "configs" / "tiny.py"
-  spec = importlib.util.spec_from_file_location("tiny", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  from maskformer_jax.config import load_config
+  c = load_config(pathlib.Path(__file__).parent.parent / "configs" / "tiny.py")
   model = build_model(c.model)
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
                                              train=False))["params"]

@@ -11,7 +11,6 @@ so the matcher and the mask losses do their real work. Run it on the accelerator
 CPU use small sizes.
 """
 import argparse
-import importlib.util
 import platform
 import time
 
@@ -20,14 +19,8 @@ import numpy as np
 
 from maskformer_jax import sharding
 from maskformer_jax import train_step as ts
+from maskformer_jax.config import load_config
 from maskformer_jax.models import build_model
-
-
-def load_config(path):
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def make_batch(rng, b, h, w, m, k, segments_per_image=20):
