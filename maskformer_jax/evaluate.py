@@ -15,6 +15,7 @@ import numpy as np
 
 from maskformer_jax import checkpoint
 from maskformer_jax import metrics as metrics_lib
+from maskformer_jax import paths
 from maskformer_jax.evaluation import sum_across_hosts
 
 # Colours of the synthetic classes and otherwise a fixed palette, by contiguous class.
@@ -195,16 +196,17 @@ def main(argv):
   f = flags.FLAGS
   train_lib.quiet_library_logs()
   train_lib.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
-  config = train_lib._CONFIG.value
+  config = paths.absolute_config_paths(train_lib._CONFIG.value)
+  workdir = paths.absolute(f.workdir)
   train_lib.validate_config(config, num_devices=jax.device_count(), num_processes=jax.process_count())
   config = train_lib.resolve_data_root(config)
   mesh = sharding.make_mesh(config.mesh)
   model = build_model(config.model)
-  state, step = restore_checkpoint(config, model, mesh, f.workdir, f.checkpoint)
+  state, step = restore_checkpoint(config, model, mesh, workdir, f.checkpoint)
   eval_step = train_step_lib.make_eval_step(config, model, mesh)
   row, images = evaluate(config, model, state, mesh, eval_step, num_images=config.train.image_summaries)
   row["checkpoint_step"] = step
-  writer = metrics_lib.MetricWriter(f.workdir)
+  writer = metrics_lib.MetricWriter(workdir)
   writer.write(step, row, prefix="eval")
   if images is not None:
     writer.images(step, "eval/image_gt_prediction", images)

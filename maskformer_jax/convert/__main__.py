@@ -5,6 +5,7 @@ import sys
 
 import jax
 
+from maskformer_jax import paths
 from maskformer_jax.convert import from_hf, model_config_from_hf, save_converted
 from maskformer_jax.convert.hf import load_hf
 
@@ -14,6 +15,7 @@ def main(argv=None) -> int:
   parser.add_argument("--hf", required=True, help="directory written by MaskFormerForInstanceSegmentation.save_pretrained")
   parser.add_argument("--out", required=True, help="output directory for variables.msgpack and config.json")
   args = parser.parse_args(argv)
+  args.hf, args.out = paths.absolute(args.hf), paths.absolute(args.out)
   hf = load_hf(args.hf)
   _, variables = from_hf(hf)
   cfg = model_config_from_hf(hf.config)
