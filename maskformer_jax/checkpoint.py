@@ -9,9 +9,15 @@ previous one with a warning, and moves the damaged one aside to `WORKDIR/corrupt
 
 Kept: the last `keep` steps plus the best by the evaluation metric (`pq` or `miou`), which the train
 loop attaches to the checkpoints it saves right after an evaluation.
+
+A save that fails (unwritable directory, full disk, a library error) or does not finish within
+`timeout_s` must stop training at once: `Saver` checks the background save at every step and raises
+`SaveError` naming the step directory and the cause, and every wait on a save is bounded. The earlier
+complete checkpoints are untouched (orbax deletes old steps only after a new one is complete).
 """
 import json
 import math
+import threading
 import time
 
 from absl import logging
@@ -21,6 +27,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
+
+from maskformer_jax import paths
+
+DEFAULT_TIMEOUT_S = 600
+
+
+class SaveError(RuntimeError):
+  """A checkpoint save failed or hung; the message names the directory and the cause."""
 
 
 class _IteratorState:
@@ -56,9 +70,12 @@ def _metric_fn(name):
   return lambda metrics: float((metrics or {}).get(name, -math.inf))
 
 
-def make_manager(workdir, *, keep: int = 3, best_metric: str = "pq",
-                 async_save: bool = True) -> ocp.CheckpointManager:
-  """A manager over WORKDIR/checkpoints keeping the last `keep` steps and the best by `best_metric`."""
+def make_manager(workdir, *, keep: int = 3, best_metric: str = "pq", async_save: bool = True,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> ocp.CheckpointManager:
+  """A manager over WORKDIR/checkpoints keeping the last `keep` steps and the best by `best_metric`.
+
+  A relative local workdir is taken relative to the current directory (orbax needs absolute paths);
+  `timeout_s` also bounds orbax's own waits (its cross-host barriers)."""
   policy = ocm.AnyPreservationPolicy([
       ocm.LatestN(n=keep),
       ocm.BestN(get_metric_fn=_metric_fn(best_metric), n=1),
@@ -70,9 +87,10 @@ def make_manager(workdir, *, keep: int = 3, best_metric: str = "pq",
       enable_async_checkpointing=async_save,
       cleanup_tmp_directories=True,  # leftovers of a save killed midway
       create=True,
+      async_options=ocp.options.AsyncOptions(timeout_secs=int(math.ceil(timeout_s))),
   )
   return ocp.CheckpointManager(
-      epath.Path(workdir) / "checkpoints", options=options, item_names=("state", "data"))
+      epath.Path(paths.absolute(workdir)) / "checkpoints", options=options, item_names=("state", "data"))
 
 
 def _to_storable(state):
@@ -100,6 +118,111 @@ def save(manager, step: int, state, iterator=None, *, metrics=None, wait: bool =
   manager.save(step, args=ocp.args.Composite(**items), metrics=dict(metrics or {}), force=True)
   if wait:
     manager.wait_until_finished()
+
+
+def _bounded(fn, timeout_s: float):
+  """Runs fn() in a daemon thread for at most timeout_s: (finished, exception or None).
+
+  Daemon: a call stuck in storage (orbax waits on signals that a failed thread never sends) must not
+  hang the caller, nor keep the process alive at exit."""
+  errors = []
+
+  def target():
+    try:
+      fn()
+    except BaseException as e:  # noqa: BLE001 -- handed to the caller
+      errors.append(e)
+
+  thread = threading.Thread(target=target, name="checkpoint_bounded", daemon=True)
+  thread.start()
+  thread.join(timeout_s)
+  return not thread.is_alive(), (errors[0] if errors else None)
+
+
+def _background_error(manager):
+  """The error a failed background save left behind, if orbax has one ready (waits at most 5 s)."""
+  _, e = _bounded(manager.check_for_errors, 5.0)
+  return f" Its background error: {type(e).__name__}: {e}." if e is not None else ""
+
+
+def _failed(what, e):
+  return SaveError(f"{what} failed: {type(e).__name__}: {e}. Training stops here; the earlier complete "
+                   "checkpoints are kept. Fix the cause (permissions, free space) and rerun the same "
+                   "command to resume.")
+
+
+def _hung(manager, what, timeout_s):
+  return SaveError(f"{what} did not finish within {timeout_s:.0f} s (stuck or very slow storage?); "
+                   f"stopping instead of waiting without end.{_background_error(manager)} The earlier "
+                   "complete checkpoints are kept; raise config.train.checkpoint_timeout_s if the "
+                   "storage is just slow.")
+
+
+def wait(manager, timeout_s: float = DEFAULT_TIMEOUT_S, *, what: str = ""):
+  """Waits for the pending save at most `timeout_s`; raises SaveError if it failed or is still running."""
+  what = what or f"the checkpoint save in {manager.directory}"
+  finished, e = _bounded(manager.wait_until_finished, timeout_s)
+  if not finished:
+    raise _hung(manager, what, timeout_s)
+  if e is not None:
+    raise _failed(what, e) from e
+
+
+class Saver:
+  """Asynchronous saves that never fail or hang unnoticed.
+
+  `save()` first waits (bounded) for the previous save and raises its error, then issues the new one
+  (bounded too: orbax's synchronous part can block forever on a directory it cannot create); `poll()`,
+  called at every step, raises as soon as a background save has failed or has run longer than
+  `timeout_s`, so training never carries on past a failed save; `finish()` waits for the last one.
+  """
+
+  def __init__(self, manager, timeout_s: float = DEFAULT_TIMEOUT_S):
+    self.manager, self.timeout_s = manager, float(timeout_s)
+    self._pending = None  # (step, time issued) of the save in flight
+    self._warned = False
+
+  def _what(self):
+    if self._pending is None:
+      return "the checkpoint save"
+    return f"the save of step {self._pending[0]} ({self.manager.directory / str(self._pending[0])})"
+
+  def save(self, step: int, state, iterator=None, *, metrics=None, wait: bool = False):
+    self.finish()
+    self._pending = (step, time.monotonic())
+    finished, e = _bounded(lambda: save(self.manager, step, state, iterator, metrics=metrics),
+                           self.timeout_s)
+    if not finished:
+      raise _hung(self.manager, self._what(), self.timeout_s)
+    if e is not None:
+      raise _failed(self._what(), e) from e
+    if wait:
+      self.finish()
+
+  def poll(self):
+    """Cheap, non-blocking: raises SaveError if the save in flight failed or exceeded the timeout."""
+    if self._pending is None:
+      return
+    elapsed = time.monotonic() - self._pending[1]
+    if not self.manager.is_saving_in_progress():
+      self.finish()  # done: surfaces its error, if any, without waiting
+    elif elapsed > self.timeout_s:
+      raise SaveError(f"{self._what()} has run for {elapsed:.0f} s, past "
+                      f"config.train.checkpoint_timeout_s={self.timeout_s:.0f}; stopping instead of "
+                      "training on without a checkpoint. The earlier complete checkpoints are kept."
+                      f"{_background_error(self.manager)}")
+    elif elapsed > self.timeout_s / 4 and not self._warned:
+      self._warned = True
+      logging.warning("%s has been running for %.0f s (timeout %.0f s).", self._what(), elapsed,
+                      self.timeout_s)
+
+  def finish(self, timeout_s: float | None = None):
+    """Waits (bounded) for the save in flight; raises SaveError if it failed or hung."""
+    if self._pending is None:
+      return
+    what = self._what()
+    self._pending, self._warned = None, False
+    wait(self.manager, self.timeout_s if timeout_s is None else timeout_s, what=what)
 
 
 def _abstract(x):

@@ -117,6 +117,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.eval_every = 5000
   t.checkpoint_every = 1000
   t.keep_checkpoints = 3
+  t.checkpoint_timeout_s = 600  # a save (or a wait on one) taking longer stops the run with an error
+  t.max_consecutive_skipped = 100  # this many non-finite steps in a row stop the run (diverged)
   t.image_summaries = 4  # predictions shown next to ground truth in TensorBoard at each eval
 
   c.init = i = ml_collections.ConfigDict()

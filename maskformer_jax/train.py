@@ -13,6 +13,7 @@ so an interrupted and resumed run ends with the same parameters as an uninterrup
 import math
 import os
 import signal
+import sys
 import time
 
 from absl import app
@@ -26,6 +27,7 @@ import numpy as np
 
 from maskformer_jax import checkpoint
 from maskformer_jax import metrics as metrics_lib
+from maskformer_jax import paths
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py.")
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard go here (local or gs://).")
@@ -77,7 +79,8 @@ def validate_config(config, *, num_devices: int, num_processes: int):
   for key in ("total_steps", "batch_size", "grad_accum_steps"):
     if int(config[key]) < 1:
       errors.append(f"config.{key}={config[key]} must be >= 1.")
-  for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+  for key in ("log_every", "checkpoint_every", "keep_checkpoints", "checkpoint_timeout_s",
+              "max_consecutive_skipped"):
     if int(config.train[key]) < 1:
       errors.append(f"config.train.{key}={config.train[key]} must be >= 1.")
   if config.model.num_queries < 1 or config.model.num_classes < 1:
@@ -270,7 +273,9 @@ def train_and_evaluate(config, workdir: str):
   data_iter = iter(loader)
 
   best_metric = evaluate_lib.best_metric(config)
-  manager = checkpoint.make_manager(workdir, keep=config.train.keep_checkpoints, best_metric=best_metric)
+  manager = checkpoint.make_manager(workdir, keep=config.train.keep_checkpoints, best_metric=best_metric,
+                                    timeout_s=config.train.checkpoint_timeout_s)
+  saver = checkpoint.Saver(manager, config.train.checkpoint_timeout_s)
   restored, step = checkpoint.restore(manager, state, data_iter)
   if restored is None:
     state, step = load_pretrained(config, state, mesh), 0
@@ -285,6 +290,7 @@ def train_and_evaluate(config, workdir: str):
   eval_step = train_step_lib.make_eval_step(config, model, mesh)
   total = int(config.total_steps)
   progress = metrics_lib.Progress(total, config.batch_size, start_step=step)
+  divergence = Divergence(config.train.max_consecutive_skipped, start_step=step)
 
   def run_eval(step):
     t = time.time()
@@ -312,33 +318,75 @@ def train_and_evaluate(config, workdir: str):
       state, step_metrics = train_step(state, train_step_lib.shard_batch(batch, mesh))
       step += 1
       pending.append(step_metrics)
+      saver.poll()  # a failed or hung background save stops the run here, not a save interval later
+      # The previous step's skip flag: that step is done (or nearly), so reading it keeps this one in flight.
+      divergence.update(step - 1, pending[-2] if len(pending) > 1 else None)
 
       if step % config.train.log_every == 0 or step == total:
         row = mean_metrics(pending)  # the only host sync of the loop
         skipped_total += round(row.pop("skipped", 0.0) * len(pending))  # non-finite updates dropped
-        pending = []
+        last, pending = pending[-1], []
         p = progress.update(step)
         row.update(skipped_steps=skipped_total, steps_per_s=p["steps_per_s"],
                    images_per_s=p["images_per_s"], eta_s=p["eta_s"], wall_time_s=time.time() - t_start)
         writer.write(step, row, prefix="train")
         metrics_lib.log(progress.line(step, row.get("loss", float("nan")), p))
+        divergence.update(step, last)  # after the row: it shows the step that stopped the run
 
       stop = stop_requested(step)  # preempted: save now, skip the evaluation (the grace period is short)
       eval_row = None
       if not stop and config.train.eval_every > 0 and (step % config.train.eval_every == 0 or step == total):
         eval_row = run_eval(step)
       if stop or step == total or step % config.train.checkpoint_every == 0 or eval_row:
+        if pending:
+          divergence.update(step, pending[-1])  # never save a step that should have stopped the run
         score = {best_metric: eval_row[best_metric]} if eval_row and best_metric in eval_row else None
-        checkpoint.save(manager, step, state, data_iter, metrics=score, wait=stop or step == total)
+        saver.save(step, state, data_iter, metrics=score, wait=stop or step == total)
       if stop:
         metrics_lib.log(f"Stopped by a signal: saved step {step}; rerun the same command to resume.")
         break
+    saver.finish()
+  except BaseException:
+    try:  # let a save in flight complete (bounded), but report the error that stopped the run
+      saver.finish(timeout_s=min(60.0, saver.timeout_s))
+    except checkpoint.SaveError as e:
+      logging.error("%s", e)
+    raise
   finally:
-    manager.wait_until_finished()
     writer.close()
     if previous_handler is not None:
       signal.signal(signal.SIGTERM, previous_handler)
   return state
+
+
+class DivergedError(RuntimeError):
+  """Too many consecutive non-finite steps: the run stops instead of idling to total_steps."""
+
+
+class Divergence:
+  """Counts consecutive steps whose update was skipped as non-finite (loss or gradient NaN/inf).
+
+  Fed each step's metrics once, in order (a step already counted is ignored); raises DivergedError when
+  `limit` steps in a row were skipped: like big_vision stopping on a NaN loss, but tolerant of the odd
+  bad batch, and instead of running to total_steps without a single update.
+  """
+
+  def __init__(self, limit: int, start_step: int = 0):
+    self.limit, self.counted, self.run = int(limit), int(start_step), 0
+
+  def update(self, step: int, metrics):
+    if metrics is None or step <= self.counted:
+      return
+    self.counted = step
+    skipped = float(np.asarray(jax.device_get(metrics["skipped"][0]))) > 0
+    self.run = self.run + 1 if skipped else 0
+    if self.run >= self.limit:
+      raise DivergedError(
+          f"{self.run} consecutive steps (up to step {step}) had a non-finite loss or gradient, so no "
+          f"update was applied (config.train.max_consecutive_skipped={self.limit}). Training stopped; the "
+          "checkpoints saved before are kept and hold finite parameters. Lower config.optim.base_lr, "
+          "check the data (python -m maskformer_jax.data.check) or try float32, then resume or start "
+          "a new --workdir.")
 
 
 def quiet_library_logs():
@@ -353,6 +401,16 @@ def quiet_library_logs():
   logging.get_absl_handler().addFilter(Quiet())
 
 
+def exit_on_save_error(e):
+  """A failed or hung checkpoint save ends the process now: orbax's stuck writer threads would
+  otherwise keep it alive at exit (a pod slice idling on a dead save)."""
+  logging.error("%s", e)
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(1)
+
+
 def main(argv):
   del argv
   quiet_library_logs()
@@ -361,7 +419,11 @@ def main(argv):
                          flags.FLAGS.process_id)
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
-  train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)
+  config = paths.absolute_config_paths(_CONFIG.value)
+  try:
+    train_and_evaluate(config, paths.absolute(flags.FLAGS.workdir))
+  except checkpoint.SaveError as e:
+    exit_on_save_error(e)
 
 
 if __name__ == "__main__":

@@ -110,3 +110,74 @@ def test_all_checkpoints_unrestorable_raises(tmp_path):
   with pytest.raises(RuntimeError, match="new --workdir"):
     checkpoint.restore(checkpoint.make_manager(tmp_path), wrong)
   assert (tmp_path / "checkpoints" / "1").exists()  # nothing moved aside
+
+
+# ------------------------------------------------------------------------------------------------
+# Failed and hung saves: they stop the caller with the path and the cause, never silently.
+
+def poll_until_error(saver, timeout=60.0):
+  import time
+  t = time.time()
+  while time.time() - t < timeout:
+    saver.poll()
+    time.sleep(0.05)
+  raise AssertionError("the failed save was never reported")
+
+
+def test_relative_workdir_is_resolved_against_the_current_directory(tmp_path, monkeypatch):
+  """orbax 0.12 refuses relative paths; a user's `--workdir runs/demo` must still work."""
+  monkeypatch.chdir(tmp_path)
+  mgr = checkpoint.make_manager("runs/rel", keep=2)
+  saver = checkpoint.Saver(mgr, timeout_s=60)
+  saver.save(3, toy_state(3), wait=True)
+  assert (tmp_path / "runs" / "rel" / "checkpoints" / "3").is_dir()
+  restored, step = checkpoint.restore(checkpoint.make_manager("runs/rel"), toy_state(0))
+  assert step == 3
+  assert_trees_equal(restored, toy_state(3))
+
+
+def test_failed_background_save_raises_with_path_and_cause_and_keeps_earlier(tmp_path, monkeypatch):
+  """A library error inside orbax's background write (here: a full disk) surfaces at the next poll."""
+  from orbax.checkpoint._src.serialization import tensorstore_utils
+  mgr = checkpoint.make_manager(tmp_path, keep=1)
+  saver = checkpoint.Saver(mgr, timeout_s=60)
+  saver.save(1, toy_state(1), wait=True)
+
+  def full_disk(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(tensorstore_utils, "build_array_write_spec", full_disk)
+  with pytest.raises(checkpoint.SaveError) as e:
+    saver.save(2, toy_state(2))
+    poll_until_error(saver)
+  message = str(e.value)
+  assert "No space left on device" in message and str(tmp_path / "checkpoints" / "2") in message
+  monkeypatch.undo()
+  # The earlier complete checkpoint survived (keep=1 did not delete it for the failed one) and restores.
+  restored, step = checkpoint.restore(checkpoint.make_manager(tmp_path, keep=1), toy_state(0))
+  assert step == 1
+  assert_trees_equal(restored, toy_state(1))
+  # Once the cause is gone, the rerun (a new manager, as in a new process) saves again.
+  checkpoint.Saver(checkpoint.make_manager(tmp_path, keep=1), timeout_s=60).save(3, toy_state(3), wait=True)
+  assert checkpoint.restore(checkpoint.make_manager(tmp_path), toy_state(0))[1] == 3
+
+
+def test_hung_save_is_bounded(tmp_path, monkeypatch):
+  """A save that never finishes stops the caller after the timeout instead of hanging it."""
+  import threading
+  import time
+  mgr = checkpoint.make_manager(tmp_path, keep=2)
+  saver = checkpoint.Saver(mgr, timeout_s=1.0)
+  saver.save(1, toy_state(1), wait=True)
+  release = threading.Event()
+  monkeypatch.setattr(mgr, "wait_until_finished", lambda: release.wait(120))
+  monkeypatch.setattr(mgr, "is_saving_in_progress", lambda: not release.is_set())
+  saver._pending = (2, time.monotonic())  # as if step 2 had been issued and got stuck in storage
+  t = time.time()
+  with pytest.raises(checkpoint.SaveError, match="past config.train.checkpoint_timeout_s=1"):
+    poll_until_error(saver, timeout=30)
+  with pytest.raises(checkpoint.SaveError, match="did not finish within 1 s"):
+    saver._pending = (2, time.monotonic())
+    saver.finish()
+  assert time.time() - t < 10
+  release.set()

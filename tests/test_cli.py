@@ -237,3 +237,29 @@ def test_semantic_evaluation_of_a_panoptic_dataset(tmp_path):
   acc.add(np.where(labels == 255, 0, labels), labels)
   assert evaluate.metric_row(acc.result(), "semantic")["miou"] == pytest.approx(100.0)
   assert evaluate.semantic_labels(np.zeros((2, 2), np.int64), [], 255).tolist() == [[255, 255]] * 2
+
+
+def test_divergence_counts_consecutive_skipped_steps_once_each():
+  d = train.Divergence(3, start_step=10)
+  m = lambda skipped: {"skipped": (np.float32(skipped), np.float32(1))}  # noqa: E731
+  d.update(10, m(1))  # at or before the start (the resumed step): ignored
+  d.update(11, m(1))
+  d.update(11, m(1))  # the same step fed twice counts once
+  d.update(12, m(1))
+  d.update(13, m(0))  # a finite step resets the run
+  d.update(14, m(1))
+  d.update(15, m(1))
+  assert d.run == 2
+  with pytest.raises(train.DivergedError, match=r"3 consecutive steps \(up to step 16\)"):
+    d.update(16, m(1))
+
+
+def test_config_paths_made_absolute_urls_untouched(tmp_path, monkeypatch):
+  from maskformer_jax import paths
+  monkeypatch.chdir(tmp_path)
+  c = tiny()
+  c.data.root, c.init.checkpoint, c.init.torchvision_resnet = "data/coco", "", "gs://b/r50.pth"
+  paths.absolute_config_paths(c)
+  assert c.data.root == str(tmp_path / "data" / "coco")
+  assert c.init.checkpoint == "" and c.init.torchvision_resnet == "gs://b/r50.pth"
+  assert paths.absolute("~/x") == os.path.join(os.path.expanduser("~"), "x")

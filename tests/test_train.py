@@ -216,3 +216,112 @@ def test_two_processes_write_once_and_merge_evaluation(env, tmp_path):
   data = sorted(p.name for p in (workdir / "checkpoints" / "2" / "data").glob("process_*"))
   assert data == ["process_0-of-2.json", "process_1-of-2.json"]
   assert "2 process(es), 2 devices" in errs[0]
+
+
+def run_failing(env, workdir, *extra, cwd=ROOT, timeout=600):
+  r = subprocess.run(command(env, workdir, *extra), env=env["env"], cwd=cwd, capture_output=True,
+                     text=True, timeout=timeout)
+  assert r.returncode != 0, "the run should have failed"
+  return r
+
+
+def make_unwritable(path):
+  """No new entries in `path`, even for root (chattr +i); chmod for other users. Returns the undo."""
+  if os.geteuid() == 0:
+    r = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+    undo = lambda: subprocess.run(["chattr", "-i", str(path)], check=True)  # noqa: E731
+  else:
+    os.chmod(path, 0o555)
+    r, undo = None, lambda: os.chmod(path, 0o755)  # noqa: E731
+  try:
+    (path / "probe").touch()
+  except OSError:
+    return undo
+  (path / "probe").unlink()
+  undo()
+  pytest.skip(f"cannot make {path} unwritable on this file system ({r and r.stderr.strip()})")
+
+
+@pytest.mark.slow
+def test_failed_save_stops_the_run_and_keeps_earlier_checkpoints(env, baseline):
+  """The checkpoint directory turns unwritable after step 4: the save at step 8 fails, and the run stops
+  right there (not a save interval later, not hanging) naming the directory; step 4 is intact and the
+  rerun, once the directory is writable again, ends identical to the uninterrupted run."""
+  import shutil
+  workdir = env["base"] / "unwritable"
+  shutil.copytree(baseline[0], workdir)
+  for step in ("8", "12"):
+    shutil.rmtree(workdir / "checkpoints" / step)
+  ckpts = workdir / "checkpoints"
+  undo = make_unwritable(ckpts)
+  try:
+    t = time.time()
+    r = run_failing(env, workdir, "--config.train.checkpoint_timeout_s=30")
+    assert time.time() - t < 240
+  finally:
+    undo()
+  assert "Resumed from the checkpoint at step 4" in r.stderr
+  # orbax 0.12 blocks on the directory it cannot create (fails elsewhere): either way it is named.
+  assert (f"the save of step 8 ({ckpts / '8'}) failed" in r.stderr
+          or f"the save of step 8 ({ckpts / '8'}) did not finish within 30 s" in r.stderr), r.stderr[-3000:]
+  assert "Operation not permitted" in r.stderr or "Permission denied" in r.stderr
+  assert 8 <= last_step(workdir) <= 9  # stopped at once: at most one step past the failed save
+  assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["4"]
+  import orbax.checkpoint as ocp
+  assert_same_state(ocp.StandardCheckpointer().restore(baseline[0] / "checkpoints" / "4" / "state"),
+                    ocp.StandardCheckpointer().restore(ckpts / "4" / "state"))
+  r = run(env, workdir)
+  assert "Resumed from the checkpoint at step 4" in r.stderr
+  assert_same_state(final_state(baseline[0]), final_state(workdir))
+
+
+@pytest.mark.slow
+def test_consecutive_non_finite_steps_stop_the_run(env, tmp_path):
+  """LR 1e30 blows the parameters up after one update: every later step is non-finite and skipped.
+  Three in a row stop the run with an error instead of idling to total_steps; the checkpoint saved
+  before (step 2, finite parameters) is kept."""
+  workdir = tmp_path / "diverged"
+  r = run_failing(env, workdir, "--config.optim.base_lr=1e30", "--config.train.max_consecutive_skipped=3",
+                  "--config.train.checkpoint_every=2")
+  assert "3 consecutive steps (up to step 4) had a non-finite loss or gradient" in r.stderr, r.stderr[-3000:]
+  assert "max_consecutive_skipped=3" in r.stderr
+  assert last_step(workdir) == 4
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [2]
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [row["skipped_steps"] for row in rows] == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_relative_paths_end_to_end(env, tmp_path):
+  """train, evaluate, predict and pq_compute with every path relative to the directory they run in
+  (orbax itself refuses relative checkpoint paths)."""
+  os.symlink(env["data"], tmp_path / "data")
+  os.symlink(ROOT / "configs", tmp_path / "configs")
+  common = ["--config=configs/tiny.py", "--config.data.root=data"]
+  r = subprocess.run([sys.executable, "-m", "maskformer_jax.train", *common, "--workdir=runs/rel",
+                      "--config.total_steps=4", "--config.train.checkpoint_every=4",
+                      "--config.train.eval_every=4"],
+                     env=env["env"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  workdir = tmp_path / "runs" / "rel"
+  assert (workdir / "checkpoints" / "4" / "state").is_dir()
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert any("pq" in row and row["step"] == 4 for row in rows)
+
+  r = subprocess.run([sys.executable, "-m", "maskformer_jax.evaluate", *common, "--workdir=runs/rel"],
+                     env=env["env"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == 4
+
+  r = subprocess.run([sys.executable, "-m", "maskformer_jax.predict", *common, "--checkpoint=runs/rel",
+                      "--images=data/val2017/*.jpg", "--out=preds"],
+                     env=env["env"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert len(json.loads((tmp_path / "preds" / "predictions.json").read_text())["annotations"]) == 6
+
+  r = subprocess.run([sys.executable, "-m", "maskformer_jax.tools.pq_compute",
+                      "--gt-json=data/annotations/panoptic_val2017.json", "--gt-dir=data/panoptic_val2017",
+                      "--pred-json=preds/predictions.json", "--pred-dir=preds/panoptic", "--out=pq.json"],
+                     env=env["env"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 0.0 <= json.loads((tmp_path / "pq.json").read_text())["All"]["pq"] <= 1.0
