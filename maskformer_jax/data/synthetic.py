@@ -117,8 +117,19 @@ def _params(num_train, num_val, image_size, seed):
 
 
 def generate(out_dir, *, num_train=1000, num_val=100, image_size=(128, 128), seed=0):
-  """Write (or reuse) the dataset under out_dir; returns out_dir."""
+  """Write (or reuse) the dataset under out_dir; returns out_dir.
+
+  Several processes may ask for the same cached dataset at once (two demos, a sweep on one machine):
+  a lock file beside out_dir lets one write it while the others wait and then reuse it."""
+  import fcntl
   out_dir = os.fspath(out_dir)
+  os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+  with open(os.path.abspath(out_dir).rstrip(os.sep) + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return _generate(out_dir, num_train, num_val, image_size, seed)
+
+
+def _generate(out_dir, num_train, num_val, image_size, seed):
   params = _params(num_train, num_val, image_size, seed)
   marker = os.path.join(out_dir, MARKER)
   if os.path.exists(marker):
