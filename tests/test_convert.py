@@ -120,11 +120,20 @@ def test_hf_parity(name):
   assert out["pred_masks"].shape == (b, q, h // 4, w // 4) and out["pred_masks"].dtype == np.float32
   assert maxdiff(out["pred_logits"], ref.class_queries_logits) <= TOL
   assert maxdiff(out["pred_masks"], ref.masks_queries_logits) <= TOL
-  aux = hf_aux_original(hf, ref)
+  # Auxiliary outputs against HF in float64: the first layer's state (from a zero target) can have a
+  # small variance, and its LayerNorm amplifies float32 rounding on either side (measured with
+  # transformers 5.24's initialisation, r101 case: HF float32 8e-5 and ours 2.4e-4 from float64 on mask
+  # logits up to 4.8), so the bar is TOL relative to the logits' scale, as in the full-size test below.
+  with torch.no_grad():
+    ref64 = hf.double()(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().double(),
+                        output_hidden_states=True)
+    aux = hf_aux_original(hf, ref64)
+  hf.float()
   assert len(out["aux_outputs"]) == kwargs["layers"] - 1 == len(aux)
   for ours, (logits, masks) in zip(out["aux_outputs"], aux):
-    assert maxdiff(ours["pred_logits"], logits) <= TOL
-    assert maxdiff(ours["pred_masks"], masks) <= TOL
+    for mine, truth in ((ours["pred_logits"], logits), (ours["pred_masks"], masks)):
+      truth = np.asarray(truth)
+      assert maxdiff(mine, truth) <= TOL * max(1.0, float(np.abs(truth).max()))
   # The outputs are not trivially equal across layers (the comparison above is informative).
   assert maxdiff(out["aux_outputs"][0]["pred_logits"], out["pred_logits"]) > 1e-3
   if name.startswith("r34"):
@@ -219,9 +228,11 @@ def test_save_pretrained_dir_and_cli_roundtrip(tmp_path):
   ref = hf_forward(hf, x)
   out = run(module, variables, x)
   assert maxdiff(out["pred_masks"], ref.masks_queries_logits) <= TOL
-  res = subprocess.run([sys.executable, "-m", "maskformer_jax.convert", "--hf", str(tmp_path / "hf"),
-                        "--out", str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=300)
+  # Relative paths, as a user types them, resolved against the directory the command runs in.
+  res = subprocess.run([sys.executable, "-m", "maskformer_jax.convert", "--hf", "hf", "--out", "ckpt"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
   assert res.returncode == 0, res.stderr
+  assert f"wrote {tmp_path / 'ckpt'}" in res.stdout
   cfg, loaded = load_converted(tmp_path / "ckpt")
   assert json.load(open(tmp_path / "ckpt" / "config.json"))["model"] == cfg
   assert (cfg["resnet_depth"], cfg["num_queries"], cfg["num_classes"]) == (18, 4, 2)
