@@ -201,6 +201,8 @@ def _bad_entries():
   extra[0, 0] = 999  # id absent from the JSON
   return {
       "corrupt_jpeg": (dict(good, image=b"\xff\xd8\xff\xe0 not a jpeg" * 10), "unreadable_image"),
+      "empty_jpeg": (dict(good, image=b""), "empty_file"),  # cv2.error in OpenCV 5, not a crash
+      "empty_png": (dict(good, png=b""), "empty_file"),
       "truncated_jpeg": (dict(good, image=jpeg[:len(jpeg) // 2]), "unreadable_image"),
       "jpeg_without_tail": (dict(good, image=jpeg[:-40]), "unreadable_image"),
       "truncated_png": (dict(good, png=png[:len(png) // 2]), "unreadable_image"),

@@ -187,3 +187,27 @@ def test_synthetic_is_not_trivial(root):
   fill = [s["area"] / (s["bbox"][2] * s["bbox"][3]) for ss in per_image for s in ss
           if s["category_id"] == 2]
   assert min(fill) < 0.9
+
+
+@pytest.mark.slow  # worker processes
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_files_skipped_or_raised_through_workers(tmp_path, workers):
+  """An empty JPEG and a truncated PNG: skipped in training (also in worker processes), and under
+  'raise' the error that reaches the training loop names the file (it survives the trip back from a
+  worker process)."""
+  from maskformer_jax.data.coco_panoptic import BadInputError
+  root = pathlib.Path(synthetic.generate(tmp_path, num_train=8, num_val=2, image_size=(32, 32), seed=0))
+  (root / "train2017" / "000000000003.jpg").write_bytes(b"")
+  png = root / "panoptic_train2017" / "000000000006.png"
+  png.write_bytes(png.read_bytes()[:100])
+  c = cfg(root)
+  c.batch_size = 2
+  load = lambda: [i for b in pipeline.make_loader(c, "train2017", train=True, seed=0, shard_index=0,
+                                                  shard_count=1, num_epochs=1, worker_count=workers)
+                  for i in b["image_id"].tolist()]
+  ids = load()
+  assert set(ids) <= {1, 2, 4, 5, 7, 8} and len(set(ids)) == len(ids)
+  assert len(ids) == 6 if not workers else len(ids) >= 4  # workers batch their own share
+  c.data.bad_input = "raise"
+  with pytest.raises(BadInputError, match=r"000000000003\.jpg: empty_file|000000000006\.png: unread"):
+    load()

@@ -137,3 +137,45 @@ def test_calls_tfds_data_source_without_download(monkeypatch):
   assert name == "coco/2017_panoptic" and kw["split"] == "train" and kw["download"] is False
   assert kw["data_dir"] == "/somewhere" and set(kw["decoders"]) == {"image", "panoptic_image"}
   assert src[0]["image_id"] == 5 and len(src[0]["seg_labels"]) == 5
+
+
+def test_bad_records_are_named_skips(caplog):
+  """An empty image, a record missing a field and a record that cannot be read at all: each a counted
+  skip naming the record (its file name, or its position), an error naming it under 'raise'."""
+  import logging
+  image, ids, _ = hand_made()
+  objs = record(5)["panoptic_objects"]
+
+  def rec(image_id, image_bytes):
+    return {"image": image_bytes, "image/id": np.int64(image_id),
+            "image/filename": f"{image_id}.jpg".encode(),
+            "panoptic_image": _enc(id_to_rgb(ids), "PNG").getvalue(),
+            "panoptic_objects": {k: [o[k] for o in objs] for k in ("id", "area", "label", "is_crowd")}}
+
+  class Records(list):
+    def __getitem__(self, i):
+      if i == 3:
+        raise OSError("corrupt ArrayRecord chunk")
+      return list.__getitem__(self, i)
+
+  good = _enc(image, "PNG").getvalue()
+  no_objects = rec(7, good)
+  del no_objects["panoptic_objects"]
+  records = Records([rec(5, good), rec(6, b""), no_objects, None])
+  src = tfds_source.TfdsCocoPanopticSource("val2017", data_source=records)
+  assert src[0]["image_id"] == 5
+  with caplog.at_level(logging.WARNING, "maskformer_jax.data"):
+    assert src[1] == {"image_id": 6, "skip": "empty_file"}
+    assert src[2] == {"image_id": 7, "skip": "decode_error"}
+    assert src[3] == {"image_id": -1, "skip": "decode_error"}
+  logged = [r.getMessage() for r in caplog.records]
+  assert "validation/6.jpg: empty_file" in logged[0]
+  assert "validation/7.jpg: decode_error: KeyError" in logged[1]
+  assert "validation[3]: decode_error: OSError: corrupt ArrayRecord chunk" in logged[2]
+  assert src.policy.counts == {"empty_file": 1, "decode_error": 2}
+  strict = tfds_source.TfdsCocoPanopticSource("val2017", data_source=records, bad_input="raise")
+  with pytest.raises(BadInputError, match="validation/6.jpg: empty_file"):
+    strict[1]
+  with pytest.raises(BadInputError, match=r"validation\[3\]: decode_error"):
+    strict[3]
+  assert src.ground_truth(5)[0].shape == ids.shape  # the unreadable record does not break the index

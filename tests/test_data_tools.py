@@ -1,5 +1,6 @@
 """The dataset checker and the synthetic-data CLI."""
 import io
+import json
 import subprocess
 import sys
 
@@ -27,17 +28,27 @@ def test_check_reports_every_problem(tmp_path):
       dict(good, id=6, segments_info=info + [{"id": 1234, "category_id": 1, "iscrowd": 0,
                                               "area": 3}]),  # JSON segment absent from the PNG
       dict(good, id=7, png=_png(id_to_rgb(np.zeros_like(ids))), segments_info=[]),  # empty
+      dict(good, id=8, image=b""),  # a zero-byte JPEG
+      dict(good, id=9, png=b""),  # a zero-byte PNG
+      dict(good, id=10),  # its row made malformed below
   ]
   root = write_coco(tmp_path, entries)
+  ann = root / "annotations" / "panoptic_val2017.json"
+  d = json.loads(ann.read_text())
+  del d["annotations"][-1]["segments_info"][0]["category_id"]
+  ann.write_text(json.dumps(d))
   c = base_config()
   c.data.root, c.model.num_classes, c.data.max_instances = str(root), 4, 4
   out = io.StringIO()
   counts = check.check_split(c, "val2017", out=out)
   assert counts == {"missing_file": 1, "unreadable_image": 1, "png_ids_not_in_json": 1,
                     "unknown_category": 1, "json_segment_not_in_png": 1, "no_segments": 1,
-                    "more_than_max_instances": 2, "area_mismatch": 2}  # the 2 readable ones
+                    "more_than_max_instances": 2, "area_mismatch": 2,  # the 2 readable ones
+                    "empty_file": 2, "bad_annotation": 1}
   text = out.getvalue()
-  assert "7 examples" in text and "000002.jpg" in text and "000004.png" in text
+  assert "10 examples" in text and "000002.jpg" in text and "000004.png" in text
+  assert "000008.jpg: empty_file" in text and "000009.png: empty_file" in text
+  assert f"{ann}: bad_annotation: image id 10" in text and "ERROR bad_annotation" in text
 
 
 def test_check_cli_exit_status(tmp_path):
@@ -49,6 +60,13 @@ def test_check_cli_exit_status(tmp_path):
   (tmp_path / "s" / "val2017" / "000000000005.jpg").write_bytes(b"garbage")
   r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
   assert r.returncode == 1 and "unreadable_image: 1" in r.stdout and "000000000005.jpg" in r.stdout
+  (tmp_path / "s" / "val2017" / "000000000005.jpg").write_bytes(b"")
+  r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 1 and "empty_file: 1" in r.stdout and "000000000005.jpg" in r.stdout
+  ann = tmp_path / "s" / "annotations" / "panoptic_val2017.json"
+  ann.write_text("{not json")  # the whole split unusable: reported, not a traceback
+  r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 1 and "ERROR bad_dataset" in r.stdout and str(ann) in r.stdout, r.stderr
 
 
 def test_synthetic_cli(tmp_path):

@@ -12,8 +12,8 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from maskformer_jax.data.coco_panoptic import (BadInputError, BadInputPolicy, decode_rgb,
-                                               read_bytes)
+from maskformer_jax.data.coco_panoptic import (BadInputError, BadInputPolicy, as_bad_input,
+                                               check_not_empty, decode_rgb, describe, read_bytes)
 
 CLASSES = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
@@ -37,15 +37,16 @@ assert len(CLASSES) == 150
 
 
 def decode_labels(data, path):
-  """A single-channel label PNG -> uint8 [h, w]; an RGB or unreadable file is bad input."""
+  """A single-channel label PNG -> uint8 [h, w]; an empty, RGB or unreadable file is bad input."""
+  check_not_empty(data, path)
   try:
     with Image.open(io.BytesIO(data)) as img:
       img.load()
       if img.mode not in ("L", "P"):
         raise ValueError(f"label PNG has mode {img.mode}, expected single-channel L or P")
       return np.asarray(img)
-  except (OSError, ValueError, SyntaxError) as e:
-    raise BadInputError("unreadable_image", path, f"{type(e).__name__}: {e}") from None
+  except Exception as e:  # whatever PIL's version raises for this file, it is this file's problem
+    raise BadInputError("unreadable_image", path, describe(e)) from None
 
 
 class Ade20kSource:
@@ -89,6 +90,10 @@ class Ade20kSource:
   def label_path(self, index):
     return self.root / "annotations" / self.split / (self._stems[index] + ".png")
 
+  def files(self, index):
+    """The files one example is read from, to name in an error."""
+    return [self.image_path(index), self.label_path(index)]
+
   def _labels(self, index):
     """Contiguous labels int32 [h, w], -1 for ignore; values above 150 are bad input."""
     path = self.label_path(index)
@@ -111,12 +116,17 @@ class Ade20kSource:
 
   def __getitem__(self, index):
     index = int(index)
+    image_id = self.image_ids[index]
     try:
       return self._decode(index)
-    except BadInputError as e:
-      return self.policy(e, self.image_ids[index])
+    except Exception as e:  # not BaseException: an interrupt stops the run
+      return self.policy(as_bad_input(e, self.files(index)), image_id)
 
   def ground_truth(self, image_id):
     """Semantic label map int32 [h0, w0]: contiguous 0..149, ignore_label (255) for ignore."""
-    labels = self._labels(self._index[int(image_id)])
+    index = self._index[int(image_id)]
+    try:
+      labels = self._labels(index)
+    except Exception as e:
+      raise as_bad_input(e, [self.label_path(index)])
     return np.where(labels < 0, self.ignore_label, labels).astype(np.int32)

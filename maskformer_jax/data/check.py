@@ -3,11 +3,13 @@
   python -m maskformer_jax.data.check --config configs/coco_panoptic_r50.py --config.data.root=/data/coco
   python -m maskformer_jax.data.check --config configs/tiny.py --config.data.root=/tmp/synth --splits val2017
 
-Errors (the loader would skip or refuse these): missing or unreadable images and PNGs (corrupt,
+Errors (the loader would skip or refuse these): missing, empty or unreadable images and PNGs (corrupt,
 truncated), PNG segment ids absent from the JSON, unknown category ids, PNG/image size mismatch, images
-without an annotation row. Warnings: JSON segments absent from the PNG, areas that disagree with the
-PNG, images without any segment, images with more segments than data.max_instances, a
-model.num_classes that does not match the categories. Exit status 1 if there is any error.
+without an annotation row, malformed annotation rows (a field missing or not an integer), any other
+exception while reading an example (decode_error), a split that cannot be opened at all (bad_dataset).
+Warnings: JSON segments absent from the PNG, areas that disagree with the PNG, images without any
+segment, images with more segments than data.max_instances, a model.num_classes that does not match the
+categories. Exit status 1 if there is any error; no single example stops the check.
 """
 import collections
 import concurrent.futures
@@ -15,19 +17,19 @@ import sys
 
 import numpy as np
 
-from maskformer_jax.data.coco_panoptic import (BadInputError, CocoPanopticSource, decode_rgb,
-                                               index_segments, read_bytes, rgb_to_id)
+from maskformer_jax.data.coco_panoptic import (BadInputError, CocoPanopticSource, as_bad_input,
+                                               decode_rgb, index_segments, read_bytes, rgb_to_id)
 
-ERRORS = ("missing_file", "unreadable_image", "png_ids_not_in_json", "unknown_category",
-          "size_mismatch", "missing_annotation", "duplicate_image_id", "num_classes_mismatch")
+ERRORS = ("missing_file", "unreadable_file", "empty_file", "unreadable_image", "decode_error",
+          "png_ids_not_in_json", "unknown_category", "size_mismatch", "missing_annotation",
+          "bad_annotation", "duplicate_image_id", "num_classes_mismatch", "bad_dataset")
 
 
 def check_coco_example(src, index, max_instances):
   """Problems of one COCO panoptic example: a list of (kind, path, message)."""
   problems = []
   try:
-    if not src._png_files[index]:
-      raise BadInputError("missing_annotation", src.image_path(index), "no entry in annotations")
+    src.check_row(index)
     image = decode_rgb(read_bytes(src.image_path(index)), src.image_path(index))
     png = src.png_path(index)
     idmap = rgb_to_id(decode_rgb(read_bytes(png), png))
@@ -52,7 +54,8 @@ def check_coco_example(src, index, max_instances):
       problems.append(("no_segments", png, "no non-crowd segment"))
     if n > max_instances:
       problems.append(("more_than_max_instances", png, f"{n} segments > {max_instances}"))
-  except BadInputError as e:
+  except Exception as e:  # one example's problem, whatever raised it
+    e = as_bad_input(e, src.files(index))
     problems.append((e.kind, e.path, str(e)))
   return problems
 
@@ -64,7 +67,8 @@ def check_generic_example(src, index):
     if not (ex["segments"] >= 0).any():
       return [("no_segments", str(ex["image_id"]), "no labelled pixel")]
     return []
-  except BadInputError as e:
+  except Exception as e:  # one example's problem, whatever raised it
+    e = as_bad_input(e, src.files(index))
     return [(e.kind, e.path, str(e))]
 
 
@@ -78,6 +82,10 @@ def check_split(config, split, *, threads=8, show=5, out=sys.stdout):
     examples["num_classes_mismatch"].append(
         f"model.num_classes = {config.model.num_classes}, the dataset has {len(src.categories)}")
   if isinstance(src, CocoPanopticSource):
+    for kind, path, msg in src.annotation_problems:  # rows that belong to no example
+      counts[kind] += 1
+      if len(examples[kind]) < show:
+        examples[kind].append(f"{path}: {msg}")
     seen = collections.Counter(src.image_ids.tolist())
     for image_id, k in seen.items():
       if k > 1:
@@ -121,7 +129,11 @@ def main(argv):
   splits = flags.FLAGS.splits or [cfg.data.train_split, cfg.data.val_split]
   total = collections.Counter()
   for split in splits:
-    total.update(check_split(cfg, split, threads=flags.FLAGS.threads))
+    try:
+      total.update(check_split(cfg, split, threads=flags.FLAGS.threads))
+    except (ValueError, OSError) as e:  # the split cannot be opened at all (e.g. an unusable JSON)
+      print(f"ERROR bad_dataset: split {split}: {e}")
+      total["bad_dataset"] += 1
   errors = sum(v for k, v in total.items() if k in ERRORS)
   print("OK" if not errors else f"FAILED: {errors} errors")
   sys.exit(1 if errors else 0)

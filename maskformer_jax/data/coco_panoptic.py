@@ -8,14 +8,18 @@ Layout under one root (local or `gs://`, read through `etils.epath`):
   of its segment in `seg_labels`, -1 for void and crowd · seg_labels int32 [n] contiguous class ids ·
   image_id int. Segment ids are decoded as R + 256 G + 256^2 B in int32 (never a uint8 wrap) and matched
   to the JSON with one `searchsorted` over the pixels, no per-pixel Python.
-A bad example (missing or unreadable file, PNG ids absent from the JSON, unknown category, no segment)
-raises `BadInputError` naming the file and the problem when the policy is "raise"; with "skip" it is
-counted, logged and returned as `{"image_id": ..., "skip": kind}` for the pipeline to drop.
+A bad example (missing, empty or unreadable file, PNG ids absent from the JSON, unknown category, no
+segment, a malformed annotation row, or any other exception while reading it: decoders and storage
+raise their own, version-dependent types) raises `BadInputError` naming the file and the problem when
+the policy is "raise"; with "skip" it is counted, logged and returned as `{"image_id": ..., "skip":
+kind}` for the pipeline to drop. Only an annotation JSON that cannot be used at all (not JSON, no
+images / annotations / categories lists, a malformed category) fails the whole dataset.
 """
 import collections
 import io
 import json
 import logging
+import math
 
 import cv2
 import numpy as np
@@ -30,7 +34,32 @@ class BadInputError(ValueError):
 
   def __init__(self, kind, path, message):
     super().__init__(f"{path}: {kind}: {message}")
-    self.kind, self.path = kind, str(path)
+    self.kind, self.path, self.message = kind, str(path), message
+
+  def __reduce__(self):  # raised in a loader worker process, unpickled in the main one
+    return type(self), (self.kind, self.path, self.message)
+
+
+def as_bad_input(err, paths):
+  """Any exception raised while reading one example -> a BadInputError naming the example's files.
+
+  Decoders and storage raise their own types (cv2.error, zlib.error, remote-storage errors), and which
+  one changes between versions; the policy must see each as this example's problem, not the run's.
+  """
+  if isinstance(err, BadInputError):
+    return err
+  paths = [str(p) for p in paths]
+  also = f" (reading {' and '.join(paths)})" if len(paths) > 1 else ""
+  bad = BadInputError("decode_error", paths[0], f"{describe(err)}{also}")
+  bad.__cause__ = err
+  return bad
+
+
+def describe(err):
+  """'type: message' on one line, the type with its module unless builtin (cv2.error, not error)."""
+  t = type(err)
+  name = t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__name__}"
+  return f"{name}: {' '.join(str(err).split())}"
 
 
 class BadInputPolicy:
@@ -51,39 +80,54 @@ class BadInputPolicy:
     return {"image_id": int(image_id), "skip": err.kind}
 
 
-def _decode_pil(data, path):
+def _decode_pil(data, path, opencv_error=""):
   try:
     with Image.open(io.BytesIO(data)) as img:
       img.load()  # a truncated file fails here (PIL raises unless LOAD_TRUNCATED_IMAGES)
       if img.mode != "RGB":  # L, P, CMYK, RGBA, I;16 ...
         img = img.convert("RGB")
       return np.asarray(img)
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-    raise BadInputError("unreadable_image", path, f"{type(e).__name__}: {e}") from None
+  except Exception as e:  # whatever PIL's version raises for this file, it is this file's problem
+    raise BadInputError("unreadable_image", path, f"{describe(e)}{opencv_error}") from None
 
 
 _TO_RGB = {1: cv2.COLOR_GRAY2RGB, 3: cv2.COLOR_BGR2RGB, 4: cv2.COLOR_BGRA2RGB}
 
 
+def check_not_empty(data, path):
+  """A zero-byte file is bad input before any decoder sees it (OpenCV 5 asserts on an empty buffer)."""
+  if not len(data):
+    raise BadInputError("empty_file", path, "the file is empty (0 bytes)")
+
+
 def decode_rgb(data, path):
-  """Encoded image bytes -> uint8 [h, w, 3] RGB; raises BadInputError if unreadable or truncated.
+  """Encoded image bytes -> uint8 [h, w, 3] RGB; raises BadInputError if empty, unreadable or truncated.
 
   OpenCV decodes (5x faster than PIL here; grayscale, CMYK, palette and RGBA converted); PIL, strict
-  about truncation, takes what OpenCV rejects or would decode leniently (a JPEG without its end marker,
-  16-bit images), so the verdict on a bad file is PIL's.
+  about truncation, takes what OpenCV rejects, raises on (cv2.error in OpenCV 5, None before) or would
+  decode leniently (a JPEG without its end marker, 16-bit images), so the verdict on a bad file is PIL's.
   """
+  check_not_empty(data, path)
   jpeg_cut = data[:2] == b"\xff\xd8" and data.rstrip(b"\0")[-2:] != b"\xff\xd9"
-  arr = None if jpeg_cut else cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-  if arr is None or arr.dtype != np.uint8 or (arr.ndim == 3 and arr.shape[2] not in _TO_RGB):
-    return _decode_pil(data, path)
-  return cv2.cvtColor(arr, _TO_RGB[1 if arr.ndim == 2 else arr.shape[2]])
+  opencv_error = ""
+  if not jpeg_cut:
+    try:
+      arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+      if (arr is not None and arr.dtype == np.uint8
+          and (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in _TO_RGB))):
+        return cv2.cvtColor(arr, _TO_RGB[1 if arr.ndim == 2 else arr.shape[2]])
+    except Exception as e:  # cv2.error, or whatever another version raises
+      opencv_error = f" (OpenCV: {describe(e)})"
+  return _decode_pil(data, path, opencv_error)
 
 
 def read_bytes(path):
   try:
     return epath.Path(path).read_bytes()
-  except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
-    raise BadInputError("missing_file", path, f"{type(e).__name__}: {e}") from None
+  except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+    raise BadInputError("missing_file", path, describe(e)) from None
+  except Exception as e:  # an I/O error of the storage (local or remote)
+    raise BadInputError("unreadable_file", path, describe(e)) from None
 
 
 def rgb_to_id(rgb):
@@ -119,8 +163,130 @@ def index_segments(idmap, seg_ids, path):
   return lut[np.where(found & ~void, pos, len(sorted_ids))]
 
 
+class _Malformed(Exception):
+  """One annotation row that cannot be used; the message says which field is wrong."""
+
+
+def _int(row, key, what, default=None, rounded=False):
+  """row[key] as an int; an integral float is accepted (some exporters write 12.0), any finite float
+  with `rounded` (areas)."""
+  if not isinstance(row, dict):
+    raise _Malformed(f"{what} is a {type(row).__name__}, not an object")
+  if key not in row:
+    if default is None:
+      raise _Malformed(f"{what} lacks '{key}'")
+    return default
+  v = row[key]
+  if isinstance(v, float) and math.isfinite(v) and (rounded or v.is_integer()):
+    v = int(round(v))
+  if not isinstance(v, int) or not -2**62 < v < 2**62:
+    raise _Malformed(f"{what} has '{key}': {v!r}, not an integer")
+  return int(v)
+
+
+def _name(row, key, what):
+  """row[key] as a non-empty string (a file name)."""
+  if not isinstance(row, dict):
+    raise _Malformed(f"{what} is a {type(row).__name__}, not an object")
+  v = row.get(key)
+  if not isinstance(v, str) or not v:
+    raise _Malformed(f"{what} lacks '{key}'" if key not in row else f"{what} has '{key}': {v!r}")
+  return v
+
+
+def _segments(row, what):
+  """(id, category_id, iscrowd, area) of each entry of an annotation row's segments_info."""
+  info = row.get("segments_info")
+  if not isinstance(info, list):
+    raise _Malformed(f"{what} lacks 'segments_info'" if "segments_info" not in row
+                     else f"{what} has 'segments_info' of type {type(info).__name__}, not a list")
+  out = []
+  for j, s in enumerate(info):
+    w = f"{what}.segments_info[{j}]"
+    out.append((_int(s, "id", w), _int(s, "category_id", w), _int(s, "iscrowd", w, default=0),
+                _int(s, "area", w, default=0, rounded=True)))
+  return out
+
+
+def load_annotations(path):
+  """The annotation JSON; one that is unusable as a whole is a ValueError naming the file."""
+  try:
+    d = json.loads(path.read_text())
+  except ValueError as e:  # not JSON, not UTF-8
+    raise ValueError(f"{path}: not a readable annotation JSON ({describe(e)})") from None
+  bad = [k for k in ("images", "annotations", "categories")
+         if not isinstance(d, dict) or not isinstance(d.get(k), list)]
+  if bad:
+    raise ValueError(f"{path}: the annotation JSON has no list {', '.join(map(repr, bad))} (COCO "
+                     "panoptic format: an object with lists 'images', 'annotations', 'categories')")
+  return d
+
+
+def parse_categories(cats, path):
+  """Categories sorted by id with contiguous ids; a malformed entry fails the dataset (it sets K)."""
+  out = []
+  for k, c in enumerate(cats):
+    try:
+      cid = _int(c, "id", f"categories[{k}]")
+      out.append({"id": cid, "name": str(c.get("name", cid)),
+                  "isthing": _int(c, "isthing", f"categories[{k}]", default=0)})
+    except _Malformed as e:
+      raise ValueError(f"{path}: {e}") from None
+  out.sort(key=lambda c: c["id"])
+  return [dict(c, contiguous_id=i) for i, c in enumerate(out)]
+
+
+def parse_rows(d):
+  """Defensive parse of the images and annotations lists.
+
+  Returns (images [(id, file_name, (h, w))], per-image (png file, segments), per-image problems
+  {position: message}, problems of rows that belong to no image [message]). One bad row only makes
+  its own image a bad example; it never stops the dataset from loading.
+  """
+  images, orphans = [], []
+  problems = {}
+  for k, im in enumerate(d["images"]):
+    try:
+      image_id = _int(im, "id", f"images[{k}]")
+    except _Malformed as e:
+      orphans.append(f"{e}: the entry is left out")
+      continue
+    try:
+      file_name = _name(im, "file_name", f"images[{k}]")
+    except _Malformed as e:
+      file_name, problems[len(images)] = "", f"image id {image_id}: {e}"
+    try:
+      size = (_int(im, "height", "", default=0, rounded=True),
+              _int(im, "width", "", default=0, rounded=True))
+    except _Malformed:
+      size = (0, 0)  # unknown: only data.check compares it with the file
+    images.append((image_id, file_name, size))
+  anns = {}
+  for k, a in enumerate(d["annotations"]):
+    try:
+      anns[_int(a, "image_id", f"annotations[{k}]")] = (k, a)
+    except _Malformed as e:
+      orphans.append(f"{e}: it belongs to no image")
+  rows = []
+  for pos, (image_id, _, _) in enumerate(images):
+    png, segs = "", []
+    if image_id in anns:
+      k, a = anns[image_id]
+      try:
+        png = _name(a, "file_name", f"annotations[{k}]")
+        segs = _segments(a, f"annotations[{k}]")
+      except _Malformed as e:  # reported as bad_annotation, before any missing_annotation
+        problems.setdefault(pos, f"image id {image_id}: {e}")
+    rows.append((png, segs))
+  return images, rows, problems, orphans
+
+
 class CocoPanopticSource:
-  """Random access over one split; `categories` maps original ids to contiguous 0..K-1."""
+  """Random access over one split; `categories` maps original ids to contiguous 0..K-1.
+
+  `annotation_problems` lists (kind, path, message) for annotation rows that belong to no image (an
+  images entry or annotation row without a usable id), which no example can report; data.check does.
+  """
 
   def __init__(self, root, split, *, bad_input="skip", require_segments=False):
     if not str(root):
@@ -133,29 +299,26 @@ class CocoPanopticSource:
     if not ann_path.exists():
       raise FileNotFoundError(f"{ann_path} not found (expected the COCO 2017 panoptic layout: "
                               f"{{root}}/{split}/, panoptic_{split}/, annotations/panoptic_{split}.json)")
-    d = json.loads(ann_path.read_text())
-    cats = sorted(d["categories"], key=lambda c: c["id"])
-    self.categories = [{"id": int(c["id"]), "name": c["name"], "isthing": int(c.get("isthing", 0)),
-                        "contiguous_id": i} for i, c in enumerate(cats)]
+    self.ann_path = ann_path
+    d = load_annotations(ann_path)
+    self.categories = parse_categories(d["categories"], ann_path)
     self.is_thing = np.array([c["isthing"] for c in self.categories], bool)
     self._cat_ids = np.array([c["id"] for c in self.categories], np.int64)  # sorted
-    images = {im["id"]: im for im in d["images"]}
-    anns = {a["image_id"]: a for a in d["annotations"]}
+    images, rows, self._problems, orphans = parse_rows(d)
+    self.annotation_problems = [("bad_annotation", str(ann_path), m) for m in orphans]
+    for m in orphans:
+      log.warning("%s: bad_annotation: %s", ann_path, m)
     # Every listed image; one without an annotation row is a bad example (it has no panoptic PNG).
-    self.image_ids = np.array([im["id"] for im in d["images"]], np.int64)
+    self.image_ids = np.array([i for i, _, _ in images], np.int64)
     self._index = {int(i): k for k, i in enumerate(self.image_ids)}
-    self._image_files = [images[i]["file_name"] for i in self.image_ids.tolist()]
-    self._png_files = [anns[i]["file_name"] if i in anns else "" for i in self.image_ids.tolist()]
-    self._sizes = np.array([(images[i].get("height", 0), images[i].get("width", 0))
-                            for i in self.image_ids.tolist()], np.int32).reshape(-1, 2)
+    self._image_files = [f for _, f, _ in images]
+    self._png_files = [png for png, _ in rows]
+    self._sizes = np.array([s for _, _, s in images], np.int32).reshape(-1, 2)
     # Segment tables as flat arrays + offsets: cheap to pickle into every worker process.
-    segs = [anns[i]["segments_info"] if i in anns else [] for i in self.image_ids.tolist()]
-    self._offsets = np.cumsum([0] + [len(s) for s in segs])
-    flat = [s for ss in segs for s in ss]
-    self._seg_ids = np.array([s["id"] for s in flat], np.int64)
-    self._seg_cats = np.array([s["category_id"] for s in flat], np.int64)
-    self._seg_crowd = np.array([s.get("iscrowd", 0) for s in flat], bool)
-    self._seg_area = np.array([s.get("area", 0) for s in flat], np.int64)
+    self._offsets = np.cumsum([0] + [len(segs) for _, segs in rows])
+    flat = np.array([t for _, segs in rows for t in segs], np.int64).reshape(-1, 4)
+    self._seg_ids, self._seg_cats = flat[:, 0], flat[:, 1]
+    self._seg_crowd, self._seg_area = flat[:, 2].astype(bool), flat[:, 3]
 
   def __len__(self):
     return len(self.image_ids)
@@ -173,6 +336,18 @@ class CocoPanopticSource:
   def png_path(self, index):
     return self.root / f"panoptic_{self.split}" / self._png_files[index]
 
+  def files(self, index):
+    """The files one example is read from, to name in an error."""
+    return [self.image_path(index)] + ([self.png_path(index)] if self._png_files[index] else [])
+
+  def check_row(self, index):
+    """Raises BadInputError if the image's annotation rows are malformed or missing."""
+    if index in self._problems:
+      raise BadInputError("bad_annotation", self.ann_path, self._problems[index])
+    if not self._png_files[index]:
+      raise BadInputError("missing_annotation", self.image_path(index),
+                          "no entry in the annotations list")
+
   def _table(self, index):
     """(segment ids, contiguous category, iscrowd, area) for one image; unknown categories raise."""
     s = slice(self._offsets[index], self._offsets[index + 1])
@@ -187,9 +362,7 @@ class CocoPanopticSource:
     return ids, contig.astype(np.int32), crowd, area
 
   def _decode(self, index):
-    if not self._png_files[index]:
-      raise BadInputError("missing_annotation", self.image_path(index),
-                          "no entry in the annotations list")
+    self.check_row(index)
     ids, labels, crowd, _ = self._table(index)
     image = decode_rgb(read_bytes(self.image_path(index)), self.image_path(index))
     png_path = self.png_path(index)
@@ -209,16 +382,21 @@ class CocoPanopticSource:
 
   def __getitem__(self, index):
     index = int(index)
+    image_id = self.image_ids[index]
     try:
       return self._decode(index)
-    except BadInputError as e:
-      return self.policy(e, self.image_ids[index])
+    except Exception as e:  # not BaseException: an interrupt stops the run
+      return self.policy(as_bad_input(e, self.files(index)), image_id)
 
   def ground_truth(self, image_id):
     """(panoptic id map int32 [h0, w0], segments_info with contiguous category ids) for evaluation."""
     index = self._index[int(image_id)]
-    ids, labels, crowd, area = self._table(index)
-    idmap = rgb_to_id(decode_rgb(read_bytes(self.png_path(index)), self.png_path(index)))
+    try:
+      self.check_row(index)
+      ids, labels, crowd, area = self._table(index)
+      idmap = rgb_to_id(decode_rgb(read_bytes(self.png_path(index)), self.png_path(index)))
+    except Exception as e:
+      raise as_bad_input(e, [self.png_path(index)])
     info = [{"id": int(i), "category_id": int(c), "iscrowd": int(k), "isthing": bool(self.is_thing[c]),
              "area": int(a)} for i, c, k, a in zip(ids, labels, crowd, area)]
     return idmap, info

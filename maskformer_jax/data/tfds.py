@@ -10,8 +10,8 @@ then 53 stuff); the original ids are restored from the COCO panoptic category li
 """
 import numpy as np
 
-from maskformer_jax.data.coco_panoptic import (BadInputError, BadInputPolicy, decode_rgb,
-                                               index_segments, rgb_to_id)
+from maskformer_jax.data.coco_panoptic import (BadInputError, BadInputPolicy, as_bad_input,
+                                               decode_rgb, index_segments, rgb_to_id)
 
 NAME = "coco/2017_panoptic"
 SPLITS = {"train2017": "train", "val2017": "validation"}
@@ -58,6 +58,14 @@ def _label_names(info):
     return None
 
 
+def _image_id(rec):
+  """A record's image id for a skip marker; -1 when the record itself is unreadable."""
+  try:
+    return int(np.asarray(rec["image/id"]))
+  except Exception:
+    return -1
+
+
 def _bytes(x):
   return x if isinstance(x, bytes) else bytes(np.asarray(x).item())
 
@@ -98,9 +106,20 @@ class TfdsCocoPanopticSource:
     return (np.asarray(o["id"], np.int64).reshape(-1), np.asarray(o["label"], np.int64).reshape(-1),
             np.asarray(o["is_crowd"], bool).reshape(-1), np.asarray(o["area"], np.int64).reshape(-1))
 
-  def convert(self, rec):
+  def _name(self, rec, index=None):
+    """The record's image file name, or its position, to name in an error."""
+    try:
+      return f"{NAME}/{self.split}/{_bytes(rec['image/filename']).decode()}"
+    except Exception:  # an unreadable or malformed record names its position
+      return f"{NAME}/{self.split}[{'?' if index is None else index}]"
+
+  def files(self, index):
+    """What one example is read from, to name in an error: its record's position."""
+    return [self._name(None, index)]
+
+  def convert(self, rec, index=None):
     """One TFDS record -> the decoded-example format of the sources (raises BadInputError)."""
-    name = f"{NAME}/{self.split}/{_bytes(rec.get('image/filename', b'?')).decode()}"
+    name = self._name(rec, index)
     image = decode_rgb(_bytes(rec["image"]), name)
     idmap = rgb_to_id(decode_rgb(_bytes(rec["panoptic_image"]), name + ":panoptic_image"))
     if idmap.shape != image.shape[:2]:
@@ -118,21 +137,31 @@ class TfdsCocoPanopticSource:
             "image_id": int(np.asarray(rec["image/id"]))}
 
   def _decode(self, index):
-    return self.convert(self._src[int(index)])
+    return self.convert(self._src[int(index)], int(index))
 
   def __getitem__(self, index):
-    rec = self._src[int(index)]
+    index, rec = int(index), None
     try:
-      return self.convert(rec)
-    except BadInputError as e:
-      return self.policy(e, int(np.asarray(rec.get("image/id", -1))))
+      rec = self._src[index]  # a corrupt record fails here
+      return self.convert(rec, index)
+    except Exception as e:  # not BaseException: an interrupt stops the run
+      return self.policy(as_bad_input(e, [self._name(rec, index)]), _image_id(rec))
 
   def ground_truth(self, image_id):
     if self._index is None:  # one pass over the split, on first use
-      self._index = {int(np.asarray(self._src[i]["image/id"])): i for i in range(len(self))}
-    rec = self._src[self._index[int(image_id)]]
-    idmap = rgb_to_id(decode_rgb(_bytes(rec["panoptic_image"]), f"{NAME}:{image_id}"))
-    ids, labels, crowd, area = self._objects(rec)
+      self._index = {}
+      for i in range(len(self)):
+        try:
+          self._index[int(np.asarray(self._src[i]["image/id"]))] = i
+        except Exception:  # an unreadable record: skipped as an example, so never evaluated
+          pass
+    index, name = self._index[int(image_id)], f"{NAME}/{self.split}:{image_id}:panoptic_image"
+    try:
+      rec = self._src[index]
+      idmap = rgb_to_id(decode_rgb(_bytes(rec["panoptic_image"]), name))
+      ids, labels, crowd, area = self._objects(rec)
+    except Exception as e:
+      raise as_bad_input(e, [name])
     info = [{"id": int(i), "category_id": int(c), "iscrowd": int(k), "isthing": bool(c < 80),
              "area": int(a)} for i, c, k, a in zip(ids, labels, crowd, area)]
     return idmap, info
