@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from maskformer_jax import evaluate as evaluate_lib
+from maskformer_jax import paths
 from maskformer_jax.evaluation import id2rgb
 
 flags.DEFINE_string("checkpoint", None, "Training workdir, a step directory in it, or a converted checkpoint.")
@@ -59,9 +60,14 @@ def load_categories(config, path=""):
 
 
 def prepare(path, config, max_instances, num_classes):
-  """One image file -> a batch-contract example through the evaluation resize."""
+  """One image file -> a batch-contract example through the evaluation resize.
+
+  Decoded like the dataset sources' images (OpenCV, PIL's verdict on a bad file), so an empty, truncated
+  or unreadable file raises BadInputError naming it.
+  """
   from maskformer_jax.data import transforms
-  image = np.asarray(Image.open(path).convert("RGB"))
+  from maskformer_jax.data.coco_panoptic import decode_rgb, read_bytes
+  image = decode_rgb(read_bytes(path), path)
   ex = {"image": image, "segments": np.full(image.shape[:2], -1, np.int32),
         "seg_labels": np.zeros((0,), np.int32), "image_id": 0}
   out, _ = transforms.eval_example(ex, canvas=config.data.eval_size, min_size=config.data.eval_min_size,
@@ -91,17 +97,34 @@ def load_state(config, model, mesh, checkpoint_path, step="latest"):
 
 
 def predict(config, state, model, mesh, paths, out_dir, categories):
-  """Runs the model on `paths` in batches of config.eval.batch_size; returns the predictions JSON."""
+  """Runs the model on `paths` in batches of config.eval.batch_size; returns the predictions JSON.
+
+  A bad image file follows config.data.bad_input: 'raise' raises BadInputError naming the file and the
+  problem; 'skip' logs it, predicts the others and lists it in result['skipped'] ({file, error}).
+  """
+  import itertools
   from maskformer_jax import inference
   from maskformer_jax import train_step as train_step_lib
+  from maskformer_jax.data.coco_panoptic import BadInputPolicy, as_bad_input
+  policy = BadInputPolicy(config.data.bad_input)
   eval_step = train_step_lib.make_eval_step(config, model, mesh)
   os.makedirs(os.path.join(out_dir, "panoptic"), exist_ok=True)
   os.makedirs(os.path.join(out_dir, "overlays"), exist_ok=True)
   k, m, bs = config.model.num_classes, config.data.max_instances, config.eval.batch_size
-  annotations = []
-  for start in range(0, len(paths), bs):
-    chunk = paths[start:start + bs]
-    examples, images = zip(*(prepare(p, config, m, k) for p in chunk))
+  annotations, skipped = [], []
+
+  def prepared():  # (path, example, image) of each readable file, in order
+    for p in paths:
+      try:
+        yield (p, *prepare(p, config, m, k))
+      except Exception as e:  # not BaseException: an interrupt stops the run
+        err = as_bad_input(e, [p])
+        policy(err, 0)  # raises under 'raise'; logs and counts under 'skip'
+        skipped.append({"file": p, "error": str(err)})
+
+  ready = prepared()
+  while chunk := list(itertools.islice(ready, bs)):
+    chunk, examples, images = zip(*chunk)
     examples = list(examples) + [examples[-1]] * (bs - len(chunk))  # fill the static batch
     batch = {key: np.stack([e[key] for e in examples]) for key in examples[0]}
     batch["image_id"] = np.where(np.arange(bs) < len(chunk), 0, -1).astype(np.int32)
@@ -119,8 +142,12 @@ def predict(config, state, model, mesh, paths, out_dir, categories):
                           "file_name": stem + ".png", "image_file": os.path.basename(path),
                           "segments_info": [{k2: s[k2] for k2 in ("id", "category_id", "isthing", "score",
                                                                   "area")} for s in segments_info]})
+  if skipped:
+    logging.warning("%d of %d images skipped as bad input (data.bad_input=skip): %s", len(skipped),
+                    len(paths), ", ".join(s["file"] for s in skipped))
   result = {"annotations": annotations,
-            "categories": [{k2: c[k2] for k2 in ("id", "name", "isthing") if k2 in c} for c in categories]}
+            "categories": [{k2: c[k2] for k2 in ("id", "name", "isthing") if k2 in c} for c in categories],
+            "skipped": skipped}
   with open(os.path.join(out_dir, "predictions.json"), "w") as f:
     json.dump(result, f, indent=1)
   return result
@@ -133,24 +160,26 @@ def main(argv):
   from maskformer_jax.models import build_model
   f = flags.FLAGS
   train_lib.quiet_library_logs()
-  config = train_lib._CONFIG.value
+  config = paths.absolute_config_paths(train_lib._CONFIG.value)
+  out_dir, categories_file = paths.absolute(f.out), paths.absolute(f.categories)
   if config.eval.task != "panoptic":
     raise SystemExit(f"predict writes panoptic results; config.eval.task is {config.eval.task!r}.")
-  paths = sorted(glob.glob(f.images))
-  if not paths:
+  image_paths = sorted(glob.glob(paths.absolute(f.images)))
+  if not image_paths:
     raise SystemExit(f"No image matches --images={f.images!r}.")
-  if not f.categories:
+  if not categories_file:
     config = train_lib.resolve_data_root(config)
-  categories = load_categories(config, f.categories)
+  categories = load_categories(config, categories_file)
   train_lib.check_categories(config, categories)
   with config.unlocked():
     config.mesh.data, config.mesh.model = 1, 1  # one device: batches are small and sizes vary
   mesh = sharding.make_mesh(config.mesh, devices=jax.local_devices()[:1])
   model = build_model(config.model)
-  state = load_state(config, model, mesh, f.checkpoint, f.step)
-  result = predict(config, state, model, mesh, paths, f.out, categories)
-  print(f"{len(result['annotations'])} images -> {f.out}/panoptic, {f.out}/overlays, "
-        f"{f.out}/predictions.json")
+  state = load_state(config, model, mesh, paths.absolute(f.checkpoint), f.step)
+  result = predict(config, state, model, mesh, image_paths, out_dir, categories)
+  skipped = f" ({len(result['skipped'])} skipped as bad input)" if result["skipped"] else ""
+  print(f"{len(result['annotations'])} images{skipped} -> {out_dir}/panoptic, {out_dir}/overlays, "
+        f"{out_dir}/predictions.json")
 
 
 if __name__ == "__main__":

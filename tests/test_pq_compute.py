@@ -270,3 +270,35 @@ if __name__ == "__main__":
   def arg(name, default):
     return int(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
   bench(n_images=arg("--images", 100), n_segments=arg("--segments", 40))
+
+
+def test_read_id_png_bad_files_named(tmp_path, monkeypatch):
+  """Missing, empty, truncated: BadPNGError naming the file and the problem. OpenCV raising (cv2.error
+  in OpenCV 5) falls back to PIL, whose verdict is final."""
+  import cv2
+  ids = np.random.default_rng(5).integers(0, 1 << 24, size=(7, 9))
+  Image.fromarray(id2rgb(ids)).save(tmp_path / "ok.png")
+  data = (tmp_path / "ok.png").read_bytes()
+  (tmp_path / "empty.png").write_bytes(b"")
+  (tmp_path / "cut.png").write_bytes(data[:len(data) // 2])
+  for name, kind in (("missing.png", "missing_file"), ("empty.png", "empty_file"),
+                     ("cut.png", "unreadable_image")):
+    with pytest.raises(tool.BadPNGError, match=f"{name}: {kind}") as e:
+      tool.read_id_png(str(tmp_path / name))
+    assert e.value.path == str(tmp_path / name)
+
+  def imdecode(buf, flags):
+    raise cv2.error("OpenCV(5.0.0): error: (-215:Assertion failed) !buf.empty()")
+
+  monkeypatch.setattr(cv2, "imdecode", imdecode)
+  np.testing.assert_array_equal(tool.read_id_png(str(tmp_path / "ok.png")), ids)
+  with pytest.raises(tool.BadPNGError, match="cut.png: unreadable_image.*cv2.error"):
+    tool.read_id_png(str(tmp_path / "cut.png"))
+
+
+def test_bad_input_flag_rejects_unknown_mode(tmp_path):
+  paths = write_set(str(tmp_path), [random_pair(np.random.default_rng(6))])
+  with pytest.raises(ValueError, match="'raise' or 'skip'"):
+    tool.pq_compute(*paths, bad_input="ignore")
+  assert "bad_input" not in tool.pq_compute(*paths)  # the default output is unchanged
+  assert tool.pq_compute(*paths, bad_input="skip")["bad_input"] == []
