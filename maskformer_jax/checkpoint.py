@@ -192,10 +192,11 @@ class Saver:
     self._pending = (step, time.monotonic())
     finished, e = _bounded(lambda: save(self.manager, step, state, iterator, metrics=metrics),
                            self.timeout_s)
-    if not finished:
-      raise _hung(self.manager, self._what(), self.timeout_s)
-    if e is not None:
-      raise _failed(self._what(), e) from e
+    if not finished or e is not None:
+      what, self._pending = self._what(), None  # reported here: nothing left to wait for
+      if not finished:
+        raise _hung(self.manager, what, self.timeout_s)
+      raise _failed(what, e) from e
     if wait:
       self.finish()
 
@@ -207,7 +208,8 @@ class Saver:
     if not self.manager.is_saving_in_progress():
       self.finish()  # done: surfaces its error, if any, without waiting
     elif elapsed > self.timeout_s:
-      raise SaveError(f"{self._what()} has run for {elapsed:.0f} s, past "
+      what, self._pending = self._what(), None
+      raise SaveError(f"{what} has run for {elapsed:.0f} s, past "
                       f"config.train.checkpoint_timeout_s={self.timeout_s:.0f}; stopping instead of "
                       "training on without a checkpoint. The earlier complete checkpoints are kept."
                       f"{_background_error(self.manager)}")
