@@ -5,9 +5,10 @@
 With `data.root` empty the synthetic dataset (3 thing + 2 stuff classes, maskformer_jax/data/synthetic.py)
 is generated once under $MASKFORMER_DATA or ~/.cache/maskformer_jax and reused (7 s). Generation,
 compilation (~35 s), 2500 steps, evaluations every 250 steps on the full held-out split (100 images)
-and the final one took 3 min 43 s to 4 min 21 s on the shared 2-core development VM and reached
-PQ 68.3 (things 49.4, stuff 96.7); the curve is in docs/benchmarks.md. The run is deterministic: the
-same PQ every time.
+and the final one took about 4 minutes on the 2-core development VM and reached PQ 65.7 (things 45.1,
+stuff 96.6) with the locked versions of constraints.txt (PQ 68.3 with the releases of 2026-11-26: the
+synthetic images go through the installed PIL and OpenCV); the curves are in docs/benchmarks.md. For
+given versions the run is deterministic: the same PQ every time.
 
 What differs from the published recipes, and why (small data, a few thousand steps, no pretraining):
 - Model: ResNet-18 layout at width 16 with trainable BatchNorm (from scratch: frozen random statistics

@@ -125,7 +125,8 @@ def _source(config, split):
 
 def main(argv):
   from absl import flags
-  cfg = flags.FLAGS.config
+  from maskformer_jax import paths
+  cfg = paths.absolute_config_paths(flags.FLAGS.config)
   splits = flags.FLAGS.splits or [cfg.data.train_split, cfg.data.val_split]
   total = collections.Counter()
   for split in splits:
