@@ -104,6 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
   ml.data = -1  # -1: all devices not used by the other axes
   ml.model = 1
   ml.fsdp = False  # shard parameters and optimizer state over the data axis
+  # Optional (regex, spec) pairs, first match wins, before the shape rule: re.search on the '/'-joined
+  # parameter path; spec a tuple of mesh axis names or None per array axis, e.g.
+  # ((r"transformer_decoder/.*/kernel$", (None, "model")),). Unmatched arrays follow the shape rule.
+  ml.partition_rules = ()
 
   c.eval = e = ml_collections.ConfigDict()
   e.task = "panoptic"  # "panoptic", "semantic" or "instance"
