@@ -1,6 +1,6 @@
 """Sweep a config over a grid of overrides, one run per TPU VM / pod slice.
 
-  python launch/sweep.py --config configs/ade20k_r50.py --workdir-root gs://bucket/sweeps/lr \
+  python launch/sweep.py --config configs/ade20k.py --workdir-root gs://bucket/sweeps/lr \
       --tpu my-v4-a:us-central2-b --tpu my-v4-b:us-central2-b \
       --grid optim.base_lr=1e-4,6e-5 --grid optim.weight_decay=1e-4,0.01 [--launch]
 

@@ -7,7 +7,7 @@ when complete, so a run killed mid-save (even SIGKILL) leaves only complete chec
 checkpoint that is damaged afterwards (a truncated or deleted file) makes `restore` fall back to the
 previous one with a warning, and moves the damaged one aside to `WORKDIR/corrupted_checkpoints/`.
 
-Kept: the last `keep` steps plus the best by the evaluation metric (`pq` or `miou`), which the train
+Kept: the last `keep` steps plus the best by the evaluation metric (`config.train.best_metric`, e.g. `val/pq`), which the train
 loop attaches to the checkpoints it saves right after an evaluation.
 
 A save that fails (unwritable directory, full disk, a library error) or does not finish within
@@ -17,6 +17,7 @@ complete checkpoints are untouched (orbax deletes old steps only after a new one
 """
 import json
 import math
+import os
 import threading
 import time
 
@@ -24,11 +25,14 @@ from absl import logging
 from etils import epath
 import grain.checkpoint
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from maskformer_jax import convert
 from maskformer_jax import paths
+from maskformer_jax import train_step as train_step_lib
 
 DEFAULT_TIMEOUT_S = 600
 
@@ -70,7 +74,7 @@ def _metric_fn(name):
   return lambda metrics: float((metrics or {}).get(name, -math.inf))
 
 
-def make_manager(workdir, *, keep: int = 3, best_metric: str = "pq", async_save: bool = True,
+def make_manager(workdir, *, keep: int = 3, best_metric: str = "val/pq", async_save: bool = True,
                  timeout_s: float = DEFAULT_TIMEOUT_S) -> ocp.CheckpointManager:
   """A manager over WORKDIR/checkpoints keeping the last `keep` steps and the best by `best_metric`.
 
@@ -244,7 +248,6 @@ def _quarantine(manager, step: int):
     if src.exists():
       src.rename(dst_dir / f"{step}-{int(time.time())}")
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f"quarantine_{step}")
   manager.reload()
 
@@ -290,3 +293,25 @@ def restore(manager, state, iterator=None, *, step: int | None = None):
 def best_step(manager) -> int | None:
   manager.reload()
   return manager.best_step()
+
+
+def load_state(config, model, mesh, path, which="latest", shardings=None):
+  """(state, step) to evaluate or predict with, from `path`: a training workdir (`which` = 'latest',
+  'best' or a step number), a step directory inside one, or a converted checkpoint (step None)."""
+  path = paths.absolute(str(path).rstrip("/"))
+  name, parent = os.path.basename(path), os.path.dirname(path)
+  if name.isdigit() and os.path.basename(parent) == "checkpoints":
+    path, which = os.path.dirname(parent), name
+  state = train_step_lib.init_state(config, model, mesh, jax.random.key(config.seed), shardings)
+  if "://" not in path and not os.path.isdir(os.path.join(path, "checkpoints")):
+    if os.path.exists(os.path.join(path, convert.CONFIG_FILE)):  # a converted checkpoint
+      _, variables = convert.load_converted(path)
+      return convert.merge_variables(state, variables, what=path), None
+    raise SystemExit(f"No checkpoint in {path}: give a training workdir (train first with "
+                     "maskformer_jax.train), a step directory in it, or a converted checkpoint.")
+  manager = make_manager(path, keep=config.train.keep_checkpoints, best_metric=config.train.best_metric)
+  step = None if which == "latest" else (best_step(manager) if which == "best" else int(which))
+  state, step = restore(manager, state, step=step)
+  if state is None:
+    raise SystemExit(f"No checkpoint in {path}/checkpoints: train first (maskformer_jax.train).")
+  return state, step

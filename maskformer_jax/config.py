@@ -2,23 +2,67 @@
 
 Config files in `configs/` start from `base_config()` and override what their variant changes, so a
 key that is misspelt on the command line (`--config.optim.base_lr=...`) fails loudly instead of being
-ignored. Defaults are the original MaskFormer's (../shared/SPEC.md): change them only with a reason.
+ignored. Defaults are the original MaskFormer's COCO panoptic R50 recipe (docs/reference.md section 3):
+change them only with a reason. `validate()` is the one place that checks a config, cross-key
+constraints included, against the registries that name every choice.
 """
 import importlib.util
+import math
 import os
 
 import ml_collections
 
+from maskformer_jax import matcher
+from maskformer_jax import optim
+from maskformer_jax import sharding
+from maskformer_jax.data import pipeline
+from maskformer_jax.data import transforms
+from maskformer_jax.data.coco_panoptic import BAD_INPUT_POLICIES
+from maskformer_jax.evaluation import common as evaluation
+from maskformer_jax.models import DTYPES
+from maskformer_jax.models.backbone import BACKBONES, NORMS, RESNET_STAGES
+from maskformer_jax.models.pixel_decoder import PIXEL_DECODERS
+
 
 def load_config(path) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file given by path (what --config names), e.g. configs/demo.py."""
-  path = os.fspath(path)
+  """`get_config(arg)` of a config file, as --config names it: "configs/coco_panoptic.py:backbone=r101".
+
+  The part after the last ':' (if the part before it is a file) is the family's argument, as with
+  ml_collections' config_flags; without one, get_config() gets its default.
+  """
+  path, arg = os.fspath(path), None
+  head, sep, tail = path.rpartition(":")
+  if sep and head.endswith(".py") and os.path.isfile(head):
+    path, arg = head, tail
   spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   if spec is None or not os.path.isfile(path):
     raise FileNotFoundError(f"config file {path!r} not found (expected e.g. configs/demo.py)")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config() if arg is None else module.get_config(arg)
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """A family's argument "k1=v1,k2=v2" (or a bare "k1" for a boolean) over typed defaults.
+
+  Unknown keys fail, naming the known ones; values take the type of their default.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"config argument {key!r} is not one of {sorted(defaults)} (got {arg!r}).")
+    default = defaults[key]
+    if not sep:
+      if not isinstance(default, bool):
+        raise ValueError(f"config argument {key!r} needs a value, e.g. {key}={default}.")
+      value = True
+    elif isinstance(default, bool):
+      value = value.lower() in ("1", "true", "yes")
+    else:
+      value = type(default)(value)
+    out[key] = value
+  return out
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -90,7 +134,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.train_split = "train2017"
   d.val_split = "val2017"
   d.recipe = "coco_detr"  # "coco_detr", "lsj", "ade20k"
-  d.image_size = (1024, 1024)  # static (H, W) every training example is padded/cropped to
+  d.image_size = (1344, 1344)  # static (H, W) training canvas; the DETR recipe's longest edge 1333, padded
   d.eval_size = (800, 1344)  # static (H, W) eval images are padded to (multiples of 32)
   d.eval_min_size = 800
   d.eval_max_size = 1333
@@ -99,6 +143,11 @@ def base_config() -> ml_collections.ConfigDict:
   d.worker_buffer_size = 2
   d.bad_input = "skip"  # "skip" (count and log) or "raise"
   d.ignore_label = 255
+  # The synthetic COCO-format dataset used when data.root == "" (generated once, then cached).
+  d.synthetic = ml_collections.ConfigDict()
+  d.synthetic.num_train = 1000
+  d.synthetic.num_val = 100
+  d.synthetic.image_size = ()  # (H, W); (): data.image_size
 
   c.mesh = ml = ml_collections.ConfigDict()
   ml.data = -1  # -1: all devices not used by the other axes
@@ -109,24 +158,171 @@ def base_config() -> ml_collections.ConfigDict:
   # ((r"transformer_decoder/.*/kernel$", (None, "model")),). Unmatched arrays follow the shape rule.
   ml.partition_rules = ()
 
-  c.eval = e = ml_collections.ConfigDict()
-  e.task = "panoptic"  # "panoptic", "semantic" or "instance"
+  c.eval = e = ml_collections.ConfigDict()  # inference settings every evaluator and predict share
   e.object_mask_threshold = 0.8
   e.overlap_threshold = 0.8
   e.batch_size = 8
-  e.max_examples = -1  # -1: the whole validation split
+
+  # Evaluators by name (big_vision's config.evals): type = a key of evaluation/common.py's EVALUATORS.
+  # Metrics are written as <name>/<metric> (TensorBoard) and rows {"eval": name, ...} in metrics.jsonl.
+  # A family adds one with `with c.evals.unlocked(): c.evals.other = dict(type=..., ...)`.
+  c.evals = ml_collections.ConfigDict()
+  c.evals.val = v = ml_collections.ConfigDict()
+  v.type = "panoptic"
+  v.every = 5000  # steps between evaluations while training, and at the last step; 0: never
+  v.split = ""  # "": data.val_split
+  v.max_examples = -1  # -1: the whole split
+  v.image_summaries = 4  # predictions beside ground truth in TensorBoard
 
   c.train = t = ml_collections.ConfigDict()
   t.log_every = 50
-  t.eval_every = 5000
   t.checkpoint_every = 1000
   t.keep_checkpoints = 3
   t.checkpoint_timeout_s = 600  # a save (or a wait on one) taking longer stops the run with an error
   t.max_consecutive_skipped = 100  # this many non-finite steps in a row stop the run (diverged)
-  t.image_summaries = 4  # predictions shown next to ground truth in TensorBoard at each eval
+  t.best_metric = "val/pq"  # <eval name>/<metric> the "best" checkpoint is chosen by (higher is better)
 
   c.init = i = ml_collections.ConfigDict()
   i.torchvision_resnet = ""  # path to a torchvision ResNet state dict (.pth) for the backbone
   i.checkpoint = ""  # a converted checkpoint directory (python -m maskformer_jax.convert)
   c.lock()  # a misspelt key fails instead of silently adding a new one
   return c
+
+
+def runlocal(c) -> ml_collections.ConfigDict:
+  """A family's "runlocal" variant: the same code paths at toy size, seconds to compile on a CPU.
+
+  What the tests train and evaluate. A COCO-panoptic family with data.root "" uses the synthetic dataset
+  (5 classes); the recipe, pixel decoder, schedule and evaluators stay the family's.
+  """
+  c.batch_size = 4
+  c.total_steps = 20
+  m = c.model
+  m.resnet_depth, m.resnet_width, m.backbone_norm = 18, 16, "bn"
+  m.conv_dim = m.mask_dim = m.hidden_dim = 32
+  m.num_queries, m.num_heads, m.dim_feedforward, m.dec_layers, m.pixel_encoder_layers = 8, 4, 64, 2, 1
+  if c.data.dataset == "coco_panoptic":
+    m.num_classes = 5  # the synthetic dataset's 3 things + 2 stuff
+  c.optim.warmup_steps = 0
+  c.optim.decay_steps = (15,)
+  d = c.data
+  d.image_size = d.eval_size = (64, 64)
+  d.eval_min_size = d.eval_max_size = 64
+  d.max_instances = 8
+  d.num_workers = 0
+  c.eval.batch_size = 4
+  c.loss.num_points = 256
+  c.train.log_every = 1
+  c.train.checkpoint_every = 5
+  for ev in c.evals.values():
+    ev.every = 10
+  return c
+
+
+# The choices, read from the registries beside the code they choose from.
+CHOICES = {
+    ("model", "backbone"): BACKBONES,
+    ("model", "backbone_norm"): NORMS,
+    ("model", "pixel_decoder"): PIXEL_DECODERS,
+    ("model", "dtype"): DTYPES,
+    ("optim", "schedule"): optim.SCHEDULES,
+    ("loss", "matcher"): matcher.MATCHERS,
+    ("data", "dataset"): pipeline.DATASETS,
+    ("data", "recipe"): transforms.RECIPES,
+    ("data", "bad_input"): BAD_INPUT_POLICIES,
+}
+
+
+def validate(config, *, num_devices: int, num_processes: int):
+  """Raises ValueError listing every mistake found and what to change; returns (data, model) mesh axes.
+
+  Everything that can be known wrong before building and compiling the model is checked here, once.
+  """
+  errors = []
+  for (section, key), allowed in CHOICES.items():
+    if config[section][key] not in allowed:
+      errors.append(f"config.{section}.{key}={config[section][key]!r} is not one of {sorted(allowed)}.")
+  for key in ("total_steps", "batch_size", "grad_accum_steps"):
+    if int(config[key]) < 1:
+      errors.append(f"config.{key}={config[key]} must be >= 1.")
+  for key in ("log_every", "checkpoint_every", "keep_checkpoints", "checkpoint_timeout_s",
+              "max_consecutive_skipped"):
+    if int(config.train[key]) < 1:
+      errors.append(f"config.train.{key}={config.train[key]} must be >= 1.")
+  errors += _model_errors(config.model)
+  for key in ("image_size", "eval_size"):
+    size = tuple(config.data[key])
+    if len(size) != 2 or any(int(s) % 32 for s in size):
+      errors.append(f"config.data.{key}={size} must be (H, W) with multiples of 32 (the backbone's "
+                    f"stride), e.g. {tuple(max(32, int(math.ceil(s / 32)) * 32) for s in size)}.")
+  errors += _evals_errors(config)
+
+  # The mesh and the batch split over it.
+  try:
+    data_axis, model_axis = sharding.mesh_shape(config.mesh, num_devices)
+  except ValueError as e:
+    errors.append(str(e))
+    data_axis = model_axis = None
+  accum = max(int(config.grad_accum_steps), 1)
+  if config.batch_size % accum:
+    errors.append(f"config.batch_size={config.batch_size} is not divisible by "
+                  f"config.grad_accum_steps={accum}.")
+  micro = config.batch_size // accum
+  if data_axis and micro % data_axis:
+    errors.append(f"The global batch config.batch_size={config.batch_size} (per micro-batch {micro}) is "
+                  f"not divisible by the {data_axis} devices of the mesh data axis: use a multiple of "
+                  f"{data_axis * accum} (e.g. --config.batch_size={data_axis * accum * max(1, round(micro / data_axis))}), "
+                  f"or change --config.mesh.data/--config.mesh.model.")
+  if config.batch_size % num_processes:
+    errors.append(f"config.batch_size={config.batch_size} is not divisible by the {num_processes} "
+                  f"processes (hosts): use a multiple of {num_processes}.")
+  if data_axis and config.eval.batch_size % data_axis:
+    errors.append(f"config.eval.batch_size={config.eval.batch_size} is not divisible by the {data_axis} "
+                  f"devices of the mesh data axis: use a multiple of {data_axis}.")
+  if config.eval.batch_size % num_processes:
+    errors.append(f"config.eval.batch_size={config.eval.batch_size} is not divisible by the "
+                  f"{num_processes} processes: use a multiple of {num_processes}.")
+  for key in ("torchvision_resnet", "checkpoint"):
+    path = config.init[key]
+    if path and not path.startswith("gs://") and not os.path.exists(path):
+      errors.append(f"config.init.{key}={path!r} does not exist.")
+  if errors:
+    raise ValueError("Configuration errors (nothing was compiled):\n  - " + "\n  - ".join(errors))
+  return data_axis, model_axis
+
+
+def _model_errors(m):
+  errors = []
+  if m.backbone == "resnet" and m.resnet_depth not in RESNET_STAGES:
+    errors.append(f"config.model.resnet_depth={m.resnet_depth} is not one of {sorted(RESNET_STAGES)}.")
+  if m.conv_dim % 32:
+    errors.append(f"config.model.conv_dim={m.conv_dim} must be a multiple of 32 (GroupNorm(32)).")
+  if m.num_heads < 1 or m.hidden_dim % 2 or m.hidden_dim % m.num_heads or m.conv_dim % m.num_heads:
+    errors.append(f"config.model.hidden_dim={m.hidden_dim} must be even, and it and conv_dim="
+                  f"{m.conv_dim} divisible by num_heads={m.num_heads}.")
+  for key in ("num_queries", "num_classes", "dec_layers"):
+    if m[key] < 1:
+      errors.append(f"config.model.{key}={m[key]} must be >= 1.")
+  return errors
+
+
+def _evals_errors(config):
+  errors = []
+  for name, ev in config.evals.items():
+    if ev.type not in evaluation.EVALUATORS:
+      errors.append(f"config.evals.{name}.type={ev.type!r} is not one of {sorted(evaluation.EVALUATORS)}.")
+    elif config.data.dataset == "ade20k" and ev.type == "panoptic":
+      errors.append(f"config.evals.{name}.type='panoptic' needs panoptic ground truth; the ade20k source "
+                    "has semantic labels only: use type='semantic'.")
+    if int(ev.every) < 0:
+      errors.append(f"config.evals.{name}.every={ev.every} must be >= 0 (0: not while training).")
+  name, _, metric = config.train.best_metric.partition("/")
+  if name not in config.evals:
+    errors.append(f"config.train.best_metric={config.train.best_metric!r} names no evaluator: use "
+                  f"<eval name>/<metric> with a name of config.evals ({sorted(config.evals)}).")
+  elif config.evals[name].type in evaluation.EVALUATORS:
+    metrics = evaluation.metric_names(config.evals[name].type)
+    if metric not in metrics:
+      errors.append(f"config.train.best_metric={config.train.best_metric!r}: {config.evals[name].type} "
+                    f"evaluators report {', '.join(metrics)}.")
+  return errors

@@ -1,4 +1,4 @@
-"""The MaskFormer set criterion (SPEC.md section 2), on static shapes inside the jitted step.
+"""The MaskFormer set criterion (docs/reference.md section 2), on static shapes inside the jitted step.
 
 Per decoder layer: matching costs -> exact assignment (no gradient) -> cross-entropy over all queries
 (no-object weight `eos_coef`) + sigmoid focal and dice on the matched (query, target) pairs. Deep

@@ -1,4 +1,4 @@
-"""Turning model outputs into panoptic / semantic / instance results (SPEC.md section 4), batched in JAX.
+"""Turning model outputs into panoptic / semantic / instance results (docs/reference.md section 4), batched in JAX.
 
 Everything here has static shapes so it jits once per input shape: dropped queries are masked rather than
 removed, and segment ids follow a static scheme. A segment's id is 1 + the index of the query that

@@ -1,4 +1,4 @@
-"""Batched exact bipartite matching and the MaskFormer matching costs (../shared/SPEC.md section 2).
+"""Batched exact bipartite matching and the MaskFormer matching costs (docs/reference.md section 2).
 
 `hungarian` solves one assignment problem per image inside the jitted step (no host round trip);
 `host_hungarian` runs scipy through `jax.pure_callback` for comparison only.
@@ -9,6 +9,7 @@ import numpy as np
 import optax
 
 from maskformer_jax import points as points_lib
+from maskformer_jax import registry
 
 # Non-finite policy: NaN, +inf and -inf costs all become BIG (as Hugging Face's matcher maps them to the
 # dtype's max), and finite costs are clamped to [-BIG, BIG]: such a pair is only used when no assignment
@@ -239,13 +240,13 @@ def host_hungarian(cost, valid):
   return jax.pure_callback(_scipy_batch, shape, cost, valid, vmap_method="sequential")
 
 
+# config.loss.matcher -> solver(cost [B, N, M], valid [B, M]) -> int32 [B, M].
+MATCHERS = {"jax": hungarian, "scipy": host_hungarian}
+
+
 def make_matcher(name):
-  """`config.loss.matcher` -> solver: "jax" (in the step) or "scipy" (host callback)."""
-  if name == "jax":
-    return hungarian
-  if name == "scipy":
-    return host_hungarian
-  raise ValueError(f"unknown matcher {name!r}; expected 'jax' or 'scipy'")
+  """`config.loss.matcher` -> solver: "jax" (in the step) or "scipy" (host callback, for comparison)."""
+  return registry.get(MATCHERS, name, "loss.matcher")
 
 
 def _mm(a, b):

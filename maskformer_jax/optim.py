@@ -1,4 +1,4 @@
-"""The original MaskFormer optimizer in optax (SPEC.md section 3).
+"""The original MaskFormer optimizer in optax (docs/reference.md section 3).
 
 detectron2/MaskFormer `build_optimizer`: AdamW; parameters under the backbone get
 lr * backbone_multiplier (decoupled weight decay is scaled by the same lr, as torch AdamW does);
@@ -15,6 +15,8 @@ import re
 import jax
 import jax.numpy as jnp
 import optax
+
+from maskformer_jax import registry
 
 
 def _path(path):
@@ -52,21 +54,32 @@ def learning_rate(config):
   base, warm = float(o.base_lr), int(o.warmup_steps)
   w0 = float(o.warmup_factor)
   total = float(config.total_steps)
-  boundaries = jnp.asarray(tuple(o.decay_steps) or (total + 1,), jnp.float32)
+
+  decay_fn = registry.get(SCHEDULES, o.schedule, "optim.schedule")
 
   def schedule(step):
     t = jnp.asarray(step, jnp.float32)
     factor = jnp.where(t < warm, w0 + (1.0 - w0) * t / max(warm, 1), 1.0)
-    if o.schedule == "step":
-      # bisect_right(milestones, t): the decay applies from the milestone step itself.
-      decay = jnp.asarray(o.decay_factor, jnp.float32) ** jnp.sum(t >= boundaries)
-    elif o.schedule == "poly":
-      decay = jnp.maximum(1.0 - t / total, 0.0) ** float(o.poly_power)
-    else:
-      raise ValueError(f"config.optim.schedule={o.schedule!r}: use 'step' or 'poly'")
-    return base * factor * decay
+    return base * factor * decay_fn(o, t, total)
 
   return schedule
+
+
+def step_decay(o, t, total):
+  """detectron2 WarmupMultiStepLR: x decay_factor at each of decay_steps (bisect_right: from the
+  milestone step itself)."""
+  del total
+  boundaries = jnp.asarray(tuple(o.decay_steps) or (jnp.inf,), jnp.float32)
+  return jnp.asarray(o.decay_factor, jnp.float32) ** jnp.sum(t >= boundaries)
+
+
+def poly_decay(o, t, total):
+  """MaskFormer's WarmupPolyLR: (1 - t / total_steps) ** poly_power, 0 after total_steps."""
+  return jnp.maximum(1.0 - t / total, 0.0) ** float(o.poly_power)
+
+
+# config.optim.schedule -> decay(optim config, step as float32, total_steps) -> factor.
+SCHEDULES = {"step": step_decay, "poly": poly_decay}
 
 
 def _scale_by_multipliers(config):

@@ -14,20 +14,26 @@ AXES = ("data", "model")
 MIN_SHARD_SIZE = 2 ** 14  # arrays smaller than this stay replicated: sharding them costs more than it saves
 
 
+def mesh_shape(mesh_config, num_devices):
+  """(data, model) axis sizes of config.mesh over `num_devices`; a ValueError says what to change."""
+  n, model = int(num_devices), int(mesh_config.model)
+  if model < 1 or n % model:
+    raise ValueError(f"config.mesh.model={model} does not divide the {n} devices: use a divisor of {n}.")
+  data = n // model if int(mesh_config.data) == -1 else int(mesh_config.data)
+  if data * model != n:
+    raise ValueError(f"config.mesh.data={data} x config.mesh.model={model} = {data * model} devices, but "
+                     f"{n} are available: set --config.mesh.data=-1 (all devices the model axis leaves) "
+                     f"or make data*model = {n}.")
+  return data, model
+
+
 def make_mesh(mesh_config, devices=None):
   """A ('data', 'model') mesh over `devices` (default: all, over every process).
 
   mesh_config.data = -1 takes every device the model axis leaves.
   """
   devices = list(jax.devices() if devices is None else devices)
-  n, model = len(devices), int(mesh_config.model)
-  if model < 1 or n % model:
-    raise ValueError(f"mesh.model={model} does not divide the {n} devices: set --config.mesh.model to a "
-                     f"divisor of {n}.")
-  data = n // model if int(mesh_config.data) == -1 else int(mesh_config.data)
-  if data * model != n:
-    raise ValueError(f"mesh data={data} x model={model} = {data * model} devices, but {n} are available: "
-                     f"set --config.mesh.data=-1 (use all) or make data * model == {n}.")
+  data, model = mesh_shape(mesh_config, len(devices))
   return jax.make_mesh((data, model), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
                        devices=devices)
 

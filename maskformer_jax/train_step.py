@@ -46,10 +46,13 @@ def state_shardings(config, model, mesh):
   return sharding.state_shardings(abstract, mesh, config.mesh)
 
 
-def init_state(config, model, mesh, rng):
-  """The initial train state, created directly in its sharded layout (never whole on one device)."""
-  init = _init_fn(config, model)
-  return jax.jit(init, out_shardings=state_shardings(config, model, mesh))(rng)
+def init_state(config, model, mesh, rng, shardings=None):
+  """The initial train state, created directly in its sharded layout (never whole on one device).
+
+  `shardings` (from state_shardings) saves tracing the model and optimizer init once more.
+  """
+  shardings = shardings or state_shardings(config, model, mesh)
+  return jax.jit(_init_fn(config, model), out_shardings=shardings)(rng)
 
 
 def shard_batch(batch, mesh):
@@ -58,33 +61,23 @@ def shard_batch(batch, mesh):
   return {k: jax.make_array_from_process_local_data(s, np.asarray(v)) for k, v in batch.items()}
 
 
-def _check_batch(config, mesh):
-  accum = int(config.grad_accum_steps)
-  if accum < 1 or config.batch_size % accum:
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
-                     f"config.grad_accum_steps={accum}.")
-  sharding.check_batch_size(config.batch_size // accum, mesh,
-                            what=f"the micro-batch (config.batch_size / grad_accum_steps = "
-                                 f"{config.batch_size}/{accum})")
-  return accum
-
-
-def make_train_step(config, model, mesh):
+def make_train_step(config, model, mesh, shardings=None):
   """The jitted `(state, batch) -> (state, metrics)`; `state` is donated.
 
   With grad_accum_steps = n the global batch is split into n micro-batches (each spread over every
   data shard) whose gradients are summed in a lax.scan; num_masks and the CE weight sum are taken over
   the full batch, so the result equals the one large-batch step (up to float summation order) when the
   model itself is per-example (frozen BN, which is the original; trainable BN sees micro-batch
-  statistics, and dropout draws different masks).
+  statistics, and dropout draws different masks). The batch's divisibility over the mesh and into
+  micro-batches is checked by maskformer_jax.config.validate.
   """
-  accum = _check_batch(config, mesh)
+  accum = int(config.grad_accum_steps)
   tx = optim.make_optimizer(config)
   lr_fn = optim.learning_rate(config)
   lc = config.loss
   bn = config.model.backbone_norm == "bn"
   num_queries = int(config.model.num_queries)
-  state_sh = state_shardings(config, model, mesh)
+  state_sh = shardings or state_shardings(config, model, mesh)
   batch_sh = sharding.batch_sharding(mesh)
 
   def loss_fn(params, batch_stats, batch, rng, num_masks, ce_norm):
@@ -161,9 +154,9 @@ def make_train_step(config, model, mesh):
                  out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
 
 
-def make_eval_step(config, model, mesh):
+def make_eval_step(config, model, mesh, shardings=None):
   """The jitted `(state, batch) -> {'pred_logits', 'pred_masks'}` (main layer), sharded over 'data'."""
-  state_sh = state_shardings(config, model, mesh)
+  state_sh = shardings or state_shardings(config, model, mesh)
   batch_sh = sharding.batch_sharding(mesh)
 
   def step(state, batch):

@@ -38,9 +38,9 @@ def from_host(host, config, model, mesh):
 
 
 def make_config(**model_overrides):
-  """configs/tiny.py with a global batch of 8, the original's frozen BN and no dropout, so that every
-  example's loss is independent of how the batch is split (over devices, processes, micro-batches)."""
-  c = load_config(ROOT / "configs" / "tiny.py")
+  """coco_panoptic.py:runlocal with a global batch of 8, the original's frozen BN and no dropout, so that
+  every example's loss is independent of how the batch is split (over devices, processes, micro-batches)."""
+  c = load_config(f"{ROOT}/configs/coco_panoptic.py:runlocal")
   c.batch_size = GLOBAL_BATCH
   c.model.dropout = 0.0
   c.model.backbone_norm = "frozen_bn"

@@ -7,23 +7,26 @@ import sys
 import numpy as np
 import pytest
 
+from maskformer_jax import config as config_lib
+from maskformer_jax import convert
 from maskformer_jax import metrics
-from maskformer_jax import train
+from maskformer_jax import startup
+from maskformer_jax import training
+from maskformer_jax.data import pipeline
 
 ROOT = pathlib.Path(__file__).parent.parent
-TINY = ROOT / "configs" / "tiny.py"
+TINY = f"{ROOT}/configs/coco_panoptic.py:runlocal"
 
 
 def tiny():
-  from maskformer_jax.config import load_config
-  return load_config(TINY)
+  return config_lib.load_config(TINY)
 
 
 def test_valid_config_passes():
   c = tiny()
-  assert train.validate_config(c, num_devices=2, num_processes=1) == (2, 1)
+  assert config_lib.validate(c, num_devices=2, num_processes=1) == (2, 1)
   c.mesh.model = 2
-  assert train.validate_config(c, num_devices=4, num_processes=2) == (2, 2)
+  assert config_lib.validate(c, num_devices=4, num_processes=2) == (2, 2)
 
 
 @pytest.mark.parametrize("change, devices, processes, expected", [
@@ -35,19 +38,28 @@ def test_valid_config_passes():
     ({("eval", "batch_size"): 3}, 2, 1, "config.eval.batch_size=3"),
     ({("data", "image_size"): (100, 64)}, 1, 1, "multiples of 32"),
     ({("optim", "schedule"): "cosine"}, 1, 1, "config.optim.schedule='cosine' is not one of"),
-    ({("eval", "task"): "panoptc"}, 1, 1, "config.eval.task='panoptc'"),
+    ({("evals", "val", "type"): "panoptc"}, 1, 1, "config.evals.val.type='panoptc' is not one of"),
+    ({("evals", "val", "type"): "instance"}, 1, 1, "['panoptic', 'semantic']"),  # COCO AP: not yet
+    ({("train", "best_metric"): "test/pq"}, 1, 1, "names no evaluator"),
+    ({("train", "best_metric"): "val/miou"}, 1, 1, "panoptic evaluators report pq, sq"),
+    ({("data", "dataset"): "ade20k"}, 1, 1, "the ade20k source has semantic labels only"),
+    ({("model", "backbone"): "swin"}, 1, 1, "config.model.backbone='swin' is not one of ['resnet']"),
+    ({("model", "resnet_depth"): 152}, 1, 1, "config.model.resnet_depth=152 is not one of"),
+    ({("data", "recipe"): "lsjj"}, 1, 1, "config.data.recipe='lsjj' is not one of"),
+    ({("loss", "matcher"): "greedy"}, 1, 1, "config.loss.matcher='greedy' is not one of"),
     ({"grad_accum_steps": 3}, 1, 1, "grad_accum_steps=3"),
     ({("init", "checkpoint"): "/nonexistent/ckpt"}, 1, 1, "does not exist"),
 ])
 def test_config_errors_say_what_to_change(change, devices, processes, expected):
   c = tiny()
   for key, value in change.items():
-    if isinstance(key, tuple):
-      c[key[0]][key[1]] = value
-    else:
-      c[key] = value
+    *parents, last = key if isinstance(key, tuple) else (key,)
+    node = c
+    for k in parents:
+      node = node[k]
+    node[last] = value
   with pytest.raises(ValueError, match="Configuration errors") as e:
-    train.validate_config(c, num_devices=devices, num_processes=processes)
+    config_lib.validate(c, num_devices=devices, num_processes=processes)
   assert expected in str(e.value)
 
 
@@ -56,17 +68,21 @@ def test_all_errors_reported_at_once():
   c.batch_size = 3
   c.optim.schedule = "linear"
   with pytest.raises(ValueError) as e:
-    train.validate_config(c, num_devices=2, num_processes=1)
+    config_lib.validate(c, num_devices=2, num_processes=1)
   assert "schedule" in str(e.value) and "batch_size=3" in str(e.value)
 
 
-def test_class_count_must_match_dataset():
+def test_class_count_must_match_dataset(tmp_path):
+  """The one check, made where every source is built (training, evaluation, predict, data.check)."""
+  from maskformer_jax.data import synthetic
   c = tiny()
-  cats = [{"id": i, "isthing": 1, "contiguous_id": i} for i in range(4)]
-  with pytest.raises(ValueError, match="--config.model.num_classes=4"):
-    train.check_categories(c, cats)
+  c.data.root = synthetic.generate(tmp_path / "data", num_train=2, num_val=2, image_size=(32, 32), seed=0)
   c.model.num_classes = 4
-  train.check_categories(c, cats)
+  with pytest.raises(ValueError, match="--config.model.num_classes=5"):
+    pipeline.make_source(c, c.data.val_split)
+  assert len(pipeline.make_source(c, c.data.val_split, check_classes=False).categories) == 5
+  c.model.num_classes = 5
+  assert len(pipeline.make_source(c, c.data.val_split).categories) == 5
 
 
 def _run(module, *args, env=None, timeout=120):
@@ -83,8 +99,16 @@ def test_cli_unknown_override_key_fails(tmp_path):
 
 
 def test_cli_batch_not_divisible_fails_before_compiling(tmp_path):
-  r = _run("maskformer_jax.train", f"--config={TINY}", f"--workdir={tmp_path}", "--config.batch_size=3")
+  """With JAX_LOG_COMPILES every compilation is logged as "Compiling <name>"; the positive control shows
+  that this JAX logs it, so its absence from the failed run means nothing was compiled."""
+  compiles = {"JAX_LOG_COMPILES": "1"}
+  control = subprocess.run([sys.executable, "-c", "import jax; jax.jit(lambda x: x + 1)(1.0)"],
+                           capture_output=True, text=True, timeout=120, env=dict(os.environ, **compiles))
+  assert "Compiling" in control.stderr, control.stderr[-2000:]
+  r = _run("maskformer_jax.train", f"--config={TINY}", f"--workdir={tmp_path}", "--config.batch_size=3",
+           env=compiles)
   assert r.returncode != 0
+  assert "Configuration errors (nothing was compiled)" in r.stderr
   assert "config.batch_size=3" in r.stderr and "not divisible by the 2 devices" in r.stderr
   assert "Compiling" not in r.stderr and not (tmp_path / "checkpoints").exists()
 
@@ -159,33 +183,47 @@ def test_progress_eta():
   assert metrics.format_eta(3725) == "1h02m05s"
 
 
-def test_ground_truth_as_prediction_scores_100(tmp_path):
-  """Ground truth (contiguous class ids from the source) goes through the id mapping evaluate() applies
-  and scores PQ 100: a wrong id space (SPEC section 7) would not."""
-  from maskformer_jax import evaluate
-  from maskformer_jax.data import pipeline
+def _ground_truth_eval_step(num_classes):
+  """An eval step that "predicts" each example's ground truth from its batch: query m is segment slot m
+  (its class from `labels`, its mask from `segments` at stride 4), unused slots no-object."""
+  import jax
+  import jax.numpy as jnp
+
+  @jax.jit
+  def step(state, batch):
+    del state
+    seg = batch["segments"][:, ::4, ::4]
+    slots = jnp.arange(batch["labels"].shape[1])
+    masks = jnp.where(seg[:, None] == slots[None, :, None, None], 20.0, -20.0)
+    classes = jnp.where(batch["valid"], batch["labels"], num_classes)
+    return {"pred_logits": 20.0 * jax.nn.one_hot(classes, num_classes + 1), "pred_masks": masks}
+  return step
+
+
+def test_evaluators_score_ground_truth_as_prediction(tmp_path):
+  """The evaluators' own loop (pipeline, eval step, post-processing at the original resolution, the id
+  mapping, the accumulators) fed the ground truth: every segment is recognised (RQ 100) and the stride-4
+  masks overlap their originals closely (a thing a few pixels across can vanish). A wrong id space (docs/reference.md section 7) would give RQ 0."""
+  from maskformer_jax import sharding
   from maskformer_jax.data import synthetic
+  from maskformer_jax.evaluation import common, panoptic, semantic
   c = tiny()
-  c.data.root = synthetic.generate(tmp_path / "data", num_train=2, num_val=6, image_size=(64, 64), seed=1)
-  source = pipeline.make_source(c, c.data.val_split)
-  acc = evaluate.make_accumulator(c, source.categories)
-  for image_id in source.image_ids:
-    id_map, info = source.ground_truth(int(image_id))
-    info = evaluate.original_category_ids(info, source.categories)
-    pred = [s for s in info if not s["iscrowd"]]
-    acc.add(id_map * np.isin(id_map, [s["id"] for s in pred]), pred, id_map, info)
-  row = evaluate.metric_row(acc.result(), "panoptic")
-  assert row["pq"] == pytest.approx(100.0) and row["pq_th"] == pytest.approx(100.0)
+  c.data.root = synthetic.generate(tmp_path / "data", num_train=2, num_val=6, image_size=(128, 128), seed=1)
+  c.data.eval_size, c.data.eval_min_size, c.data.eval_max_size = (128, 128), 128, 128
+  with c.evals.unlocked():
+    c.evals.miou = dict(c.evals.val.to_dict(), type="semantic", image_summaries=0)
+  import jax
+  mesh = sharding.make_mesh(c.mesh, devices=jax.devices()[:1])
+  step = _ground_truth_eval_step(c.model.num_classes)
+  rows = {name: run(None, mesh, step) for name, run in common.from_config(c).items()}
+  row, images = rows["val"]
+  assert row["num_images"] == 6 and row["rq_th"] > 95.0 and row["rq_st"] == pytest.approx(100.0)
+  assert 75.0 < row["sq"] < 100.0 and 70.0 < row["pq"] <= row["sq"]
   assert set(k for k in row if k.startswith("pq_class")) == {f"pq_class{i}" for i in (1, 2, 3, 10, 20)}
-
-
-def test_instance_task_without_metric_is_a_config_error():
-  c = tiny()
-  c.eval.task = "instance"
-  with pytest.raises(ValueError, match="eval_every=0"):
-    train.validate_config(c, num_devices=1, num_processes=1)
-  c.train.eval_every = 0
-  train.validate_config(c, num_devices=1, num_processes=1)
+  assert images.shape[0] == c.evals.val.image_summaries and images.dtype == np.uint8
+  sem, no_images = rows["miou"]
+  assert 75.0 < sem["miou"] < 100.0 and sem["num_images"] == 6 and no_images is None
+  assert set(panoptic.METRICS) <= set(row) and set(semantic.METRICS) <= set(sem)
 
 
 def test_merge_pretrained_variables():
@@ -194,14 +232,14 @@ def test_merge_pretrained_variables():
            "batch_stats": {"a": {"mean": jnp.zeros((3,))}}, "step": jnp.zeros((), jnp.int32)}
   loaded = {"params": {"a": {"kernel": np.ones((2, 3), np.float32)}},
             "batch_stats": {"a": {"mean": np.full((3,), 2.0, np.float32)}}}
-  out = train._merge_variables(state, loaded, what="test")
+  out = convert.merge_variables(state, loaded, what="test")
   np.testing.assert_array_equal(out["params"]["a"]["kernel"], np.ones((2, 3)))
   np.testing.assert_array_equal(out["params"]["b"]["bias"], np.zeros(3))  # not in the file: kept
   np.testing.assert_array_equal(out["batch_stats"]["a"]["mean"], np.full(3, 2.0))
   with pytest.raises(ValueError, match="has shape"):
-    train._merge_variables(state, {"params": {"a": {"kernel": np.ones((3, 3))}}}, what="test")
+    convert.merge_variables(state, {"params": {"a": {"kernel": np.ones((3, 3))}}}, what="test")
   with pytest.raises(ValueError, match="not in the model"):
-    train._merge_variables(state, {"params": {"c": {"kernel": np.ones((3, 3))}}}, what="test")
+    convert.merge_variables(state, {"params": {"c": {"kernel": np.ones((3, 3))}}}, what="test")
 
 
 @pytest.mark.parametrize("env, expected", [
@@ -216,31 +254,26 @@ def test_multihost_detection(monkeypatch, env, expected):
     monkeypatch.delenv(k, raising=False)
   for k, v in env.items():
     monkeypatch.setenv(k, v)
-  assert train._multihost_environment() is expected
+  assert startup.multihost_environment() is expected
 
 
-def test_semantic_evaluation_of_a_panoptic_dataset(tmp_path):
-  """task='semantic' on COCO-format data: the ground truth becomes a label map (void -> ignore)."""
-  from maskformer_jax import evaluate
-  from maskformer_jax.data import pipeline
+def test_semantic_labels_of_a_panoptic_ground_truth(tmp_path):
+  """Semantic evaluation of COCO-format data: the ground truth becomes a label map (void -> ignore)."""
   from maskformer_jax.data import synthetic
+  from maskformer_jax.evaluation.semantic import semantic_labels
   c = tiny()
-  c.eval.task = "semantic"
   c.data.root = synthetic.generate(tmp_path / "data", num_train=2, num_val=3, image_size=(64, 64), seed=2)
   source = pipeline.make_source(c, c.data.val_split)
   id_map, info = source.ground_truth(int(source.image_ids[0]))
-  labels = evaluate.semantic_labels(id_map, info, ignore_label=255)
+  labels = semantic_labels(id_map, info, ignore_label=255)
   for s in info:
     assert (labels[id_map == s["id"]] == s["category_id"]).all()
   assert (labels[id_map == 0] == 255).all()
-  acc = evaluate.make_accumulator(c, source.categories)
-  acc.add(np.where(labels == 255, 0, labels), labels)
-  assert evaluate.metric_row(acc.result(), "semantic")["miou"] == pytest.approx(100.0)
-  assert evaluate.semantic_labels(np.zeros((2, 2), np.int64), [], 255).tolist() == [[255, 255]] * 2
+  assert semantic_labels(np.zeros((2, 2), np.int64), [], 255).tolist() == [[255, 255]] * 2
 
 
 def test_divergence_counts_consecutive_skipped_steps_once_each():
-  d = train.Divergence(3, start_step=10)
+  d = training.Divergence(3, start_step=10)
   m = lambda skipped: {"skipped": (np.float32(skipped), np.float32(1))}  # noqa: E731
   d.update(10, m(1))  # at or before the start (the resumed step): ignored
   d.update(11, m(1))
@@ -250,7 +283,7 @@ def test_divergence_counts_consecutive_skipped_steps_once_each():
   d.update(14, m(1))
   d.update(15, m(1))
   assert d.run == 2
-  with pytest.raises(train.DivergedError, match=r"3 consecutive steps \(up to step 16\)"):
+  with pytest.raises(training.DivergedError, match=r"3 consecutive steps \(up to step 16\)"):
     d.update(16, m(1))
 
 

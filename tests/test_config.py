@@ -13,7 +13,7 @@ load = load_config
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_configs_load_and_keep_original_loss(path):
   c = load(path)
-  # The original's loss weights (SPEC.md section 2); the earlier TPU replication drifted here.
+  # The original's loss weights (docs/reference.md section 2); the earlier TPU replication drifted here.
   assert c.loss.eos_coef == 0.1
   assert c.optim.clip_norm == 0.01
   assert (c.loss.mask_weight, c.loss.dice_weight, c.loss.class_weight) == (20.0, 1.0, 1.0)

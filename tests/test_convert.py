@@ -66,7 +66,7 @@ def hf_forward(hf, x):
 
 def hf_aux_original(hf, out):
   """The original's aux outputs from HF's hidden states: HF's own shared LayerNorm, then its heads
-  (HF itself would skip the norm: SPEC.md section 6)."""
+  (HF itself would skip the norm: docs/reference.md section 6)."""
   norm = hf.model.transformer_module.decoder.layernorm
   pix = out.pixel_decoder_last_hidden_state
   aux = []
@@ -382,7 +382,7 @@ def _count(variables) -> int:
 def test_r50_ade20k_parameter_count_matches_hf_and_paper():
   import pathlib
   from maskformer_jax.config import load_config
-  mcfg = load_config(pathlib.Path(__file__).parent.parent / "configs" / "ade20k_r50.py").model
+  mcfg = load_config(pathlib.Path(__file__).parent.parent / "configs" / "ade20k.py").model
   ours = _count(abstract_variables(build_model(mcfg)))
   hf = MaskFormerForInstanceSegmentation(MaskFormerConfig(
       backbone_config=ResNetConfig(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3],
@@ -391,8 +391,8 @@ def test_r50_ade20k_parameter_count_matches_hf_and_paper():
   theirs = sum(p.numel() for p in hf.parameters())
   assert abs(ours - theirs) / theirs < 0.01, (ours, theirs)
   assert ours == theirs  # same architecture: exact
-  assert abs(ours - 41e6) / 41e6 < 0.02, ours  # SPEC: R50 ~41M
-  # "+6 Enc" adds the 1x1 projection and 6 encoder layers (SPEC: ~45M).
+  assert abs(ours - 41e6) / 41e6 < 0.02, ours  # docs/reference.md section 5: R50 ~41M
+  # "+6 Enc" adds the 1x1 projection and 6 encoder layers (docs/reference.md section 5: ~45M).
   mcfg.pixel_decoder = "transformer_encoder"
   plus6 = _count(abstract_variables(build_model(mcfg)))
   assert math.isclose(plus6, 45e6, rel_tol=0.03), plus6

@@ -53,8 +53,8 @@ def test_check_reports_every_problem(tmp_path):
 
 def test_check_cli_exit_status(tmp_path):
   root = synthetic.generate(tmp_path / "s", num_train=4, num_val=3, image_size=(32, 32), seed=0)
-  cmd = [sys.executable, "-m", "maskformer_jax.data.check", "--config", "configs/tiny.py",
-         f"--config.data.root={root}", "--splits", "val2017"]
+  cmd = [sys.executable, "-m", "maskformer_jax.data.check",
+         "--config", "configs/coco_panoptic.py:runlocal", f"--config.data.root={root}", "--splits", "val2017"]
   r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
   assert r.returncode == 0 and "0 errors" in r.stdout and r.stdout.strip().endswith("OK"), r.stderr
   (tmp_path / "s" / "val2017" / "000000000005.jpg").write_bytes(b"garbage")

@@ -9,7 +9,7 @@ ROOT = pathlib.Path(__file__).parent.parent
 spec = importlib.util.spec_from_file_location("sweep", ROOT / "launch" / "sweep.py")
 sweep = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(sweep)
-CONFIG = str(ROOT / "configs" / "ade20k_r50.py")
+CONFIG = str(ROOT / "configs" / "ade20k.py")
 
 
 def test_grid_expands_to_every_combination_with_distinct_workdirs():
@@ -44,6 +44,19 @@ def test_tpu_vm_script_is_valid_bash():
   subprocess.run(["bash", "-n", str(ROOT / "launch" / "tpu_vm.sh")], check=True)
 
 
+def _named_configs(text):
+  """The config files a text names, as "configs/x.py" or "configs/x.py:arg" (quotes and commas aside)."""
+  words = (w.strip("'\",()[]") for w in text.split())
+  return [w for w in words if w.startswith("configs/") and ".py" in w and "*" not in w]
+
+
+def _check_loads(name):
+  from maskformer_jax.config import load_config
+  path, _, arg = name.partition(":")
+  assert (ROOT / path).is_file(), name
+  load_config(f"{ROOT / path}:{arg}" if arg else ROOT / path)  # a bad family argument raises
+
+
 def test_notebook_cells_are_valid_python_and_name_real_configs():
   import ast
   import json
@@ -54,6 +67,13 @@ def test_notebook_cells_are_valid_python_and_name_real_configs():
     src = "".join(cell["source"])
     python = "\n".join(l for l in src.splitlines() if not l.lstrip().startswith(("!", "%", "--")))
     ast.parse(python)  # shell/magic lines aside, the cell is Python
-    for word in src.split():
-      if word.startswith("configs/"):
-        assert (ROOT / word).exists() or word == "configs/demo.py", word
+    for name in _named_configs(src):
+      _check_loads(name)
+
+
+def test_readme_and_launch_scripts_name_real_configs():
+  texts = [(ROOT / f).read_text() for f in ("README.md", "launch/tpu_vm.sh", "launch/sweep.py")]
+  names = [n for t in texts for n in _named_configs(t)]
+  assert "configs/coco_panoptic.py:backbone=r101" in names and "configs/demo.py" in names
+  for name in names:
+    _check_loads(name)

@@ -23,12 +23,13 @@ from maskformer_jax.models.transformer_decoder import sine_position_embedding
 NORM_RE = re.compile(r"(^|/)[^/]*(bn|gn|norm)[^/]*/(scale|bias)$")
 
 
-def load_config(name):
-  return config_lib.load_config(pathlib.Path(__file__).parent.parent / "configs" / f"{name}.py")
+def load_config(family, arg=""):
+  path = pathlib.Path(__file__).parent.parent / "configs" / f"{family}.py"
+  return config_lib.load_config(f"{path}:{arg}" if arg else path)
 
 
 def tiny(**overrides):
-  c = load_config("tiny").model
+  c = load_config("coco_panoptic", "runlocal").model
   for k, v in overrides.items():
     setattr(c, k, v)
   return c
@@ -200,7 +201,7 @@ def test_bfloat16_forward_is_finite_and_close_to_float32():
   (Argmax agreement is not a useful criterion here: randomly initialised queries have near-tied
   logits, top-2 margins ~0.01.)
   """
-  c = load_config("coco_panoptic_r50").model
+  c = load_config("coco_panoptic").model
   c.resnet_width, c.conv_dim, c.mask_dim, c.hidden_dim, c.dim_feedforward = 16, 64, 64, 64, 128
   c.num_queries, c.pixel_encoder_layers = 20, 2
   f32 = build_model(c)

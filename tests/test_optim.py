@@ -122,7 +122,7 @@ def test_masks_on_the_real_model_naming():
   parameters get the LR multiplier."""
   from maskformer_jax.models import build_model
   from maskformer_jax.config import load_config
-  c = load_config(pathlib.Path(__file__).parent.parent / "configs" / "tiny.py")
+  c = load_config(f"{pathlib.Path(__file__).parent.parent}/configs/coco_panoptic.py:runlocal")
   model = build_model(c.model)
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
                                              train=False))["params"]

@@ -85,7 +85,7 @@ def test_make_mesh_and_batch_errors_say_what_to_change():
   with pytest.raises(ValueError, match="data"):
     sharding.make_mesh(c.mesh)
   with pytest.raises(ValueError, match="multiple of 8"):
-    sharding.check_batch_size(12, mesh)
+    sharding.mesh_shape(mesh.shape, 8)
   c = make_config()
   c.grad_accum_steps = 2  # micro-batch 4 on 8 data shards
   with pytest.raises(ValueError, match="micro-batch"):

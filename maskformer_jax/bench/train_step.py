@@ -1,6 +1,6 @@
 """Times the full jitted train step of a real config: compile time, step time, images/s, memory.
 
-  python -m maskformer_jax.bench.train_step --config configs/coco_panoptic_r50.py --batch 8 \
+  python -m maskformer_jax.bench.train_step --config configs/coco_panoptic.py --batch 8 \
       --size 512 512 --variants float32 bfloat16 scipy [--steps 10]
 
 Variants, measured one after another in the same process on the same batch (ratios are to the first):
@@ -66,7 +66,7 @@ def run_variant(config, batch_np, steps):
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", default="configs/coco_panoptic_r50.py")
+  p.add_argument("--config", default="configs/coco_panoptic.py")
   p.add_argument("--batch", type=int, default=8, help="global batch")
   p.add_argument("--size", type=int, nargs=2, default=(512, 512))
   p.add_argument("--variants", nargs="+", default=["float32", "bfloat16", "scipy"])

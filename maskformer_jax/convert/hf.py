@@ -4,7 +4,7 @@ Every leaf of our model is named in HF's state dict by `hf_key` (a pure function
 mapping is checked in both directions: leaves HF lacks, HF keys we don't use, and shapes that disagree
 are all reported at once by `convert_state_dict`.
 
-Where HF deviates from the original (SPEC.md section 6) our model follows the original; for the weights
+Where HF deviates from the original (docs/reference.md section 6) our model follows the original; for the weights
 this is invisible (same parameters), it matters for:
 - auxiliary outputs: ours are heads(decoder_norm(layer output)), HF's come from un-normalised hidden
   states; the main outputs (`class_queries_logits`, `masks_queries_logits`) agree. The parity test

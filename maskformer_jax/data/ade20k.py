@@ -130,3 +130,9 @@ class Ade20kSource:
     except Exception as e:
       raise as_bad_input(e, [self.label_path(index)])
     return np.where(labels < 0, self.ignore_label, labels).astype(np.int32)
+
+
+def from_config(d, split, *, bad_input, require_segments=False):
+  """The source of `split` from config.data (data/pipeline.py's DATASETS entry)."""
+  return Ade20kSource(d.root, split, bad_input=bad_input, ignore_label=d.ignore_label,
+                      require_segments=require_segments)

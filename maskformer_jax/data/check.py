@@ -1,7 +1,7 @@
 """Validate a dataset before training on it, and report every problem with the file it is in.
 
-  python -m maskformer_jax.data.check --config configs/coco_panoptic_r50.py --config.data.root=/data/coco
-  python -m maskformer_jax.data.check --config configs/tiny.py --config.data.root=/tmp/synth --splits val2017
+  python -m maskformer_jax.data.check --config configs/coco_panoptic.py --config.data.root=/data/coco
+  python -m maskformer_jax.data.check --config configs/coco_panoptic.py:runlocal --config.data.root=/tmp/synth --splits val2017
 
 Errors (the loader would skip or refuse these): missing, empty or unreadable images and PNGs (corrupt,
 truncated), PNG segment ids absent from the JSON, unknown category ids, PNG/image size mismatch, images
@@ -15,8 +15,14 @@ import collections
 import concurrent.futures
 import sys
 
+from absl import app
+from absl import flags
+from ml_collections import config_flags
 import numpy as np
 
+from maskformer_jax import paths
+
+from maskformer_jax.data import pipeline
 from maskformer_jax.data.coco_panoptic import (BadInputError, CocoPanopticSource, as_bad_input,
                                                decode_rgb, index_segments, read_bytes, rgb_to_id)
 
@@ -75,7 +81,8 @@ def check_generic_example(src, index):
 def check_split(config, split, *, threads=8, show=5, out=sys.stdout):
   """Check one split; prints a report and returns {kind: count}."""
   d = config.data
-  src = _source(config, split)
+  # The 'raise' policy and no class-count check: both are reported here instead.
+  src = pipeline.make_source(config, split, bad_input="raise", check_classes=False)
   counts, examples = collections.Counter(), collections.defaultdict(list)
   if len(src.categories) != config.model.num_classes:
     counts["num_classes_mismatch"] += 1
@@ -111,21 +118,8 @@ def check_split(config, split, *, threads=8, show=5, out=sys.stdout):
   return dict(counts)
 
 
-def _source(config, split):
-  """The dataset's source with the 'raise' policy and no class-count check (reported instead)."""
-  d = config.data
-  if d.dataset == "coco_panoptic":
-    return CocoPanopticSource(d.root, split, bad_input="raise")
-  from maskformer_jax.data.ade20k import Ade20kSource
-  if d.dataset == "ade20k":
-    return Ade20kSource(d.root, split, bad_input="raise")
-  from maskformer_jax.data.tfds import TfdsCocoPanopticSource
-  return TfdsCocoPanopticSource(split, data_dir=d.root or None, bad_input="raise")
-
-
 def main(argv):
-  from absl import flags
-  from maskformer_jax import paths
+  del argv
   cfg = paths.absolute_config_paths(flags.FLAGS.config)
   splits = flags.FLAGS.splits or [cfg.data.train_split, cfg.data.val_split]
   total = collections.Counter()
@@ -140,9 +134,7 @@ def main(argv):
   sys.exit(1 if errors else 0)
 
 
-if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
+if __name__ == "__main__":  # flags defined here: the module is also a library (check_split)
   config_flags.DEFINE_config_file("config", None, "a config file from configs/", lock_config=True)
   flags.DEFINE_list("splits", [], "splits to check (default: data.train_split, data.val_split)")
   flags.DEFINE_integer("threads", 8, "decoding threads")

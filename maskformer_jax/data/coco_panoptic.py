@@ -62,12 +62,15 @@ def describe(err):
   return f"{name}: {' '.join(str(err).split())}"
 
 
+BAD_INPUT_POLICIES = ("skip", "raise")  # config.data.bad_input
+
+
 class BadInputPolicy:
   """'raise' or 'skip' (count and log each skip; `counts` is per process)."""
 
   def __init__(self, mode):
-    if mode not in ("skip", "raise"):
-      raise ValueError(f"data.bad_input must be 'skip' or 'raise', got {mode!r}")
+    if mode not in BAD_INPUT_POLICIES:
+      raise ValueError(f"data.bad_input={mode!r} is not one of {BAD_INPUT_POLICIES}.")
     self.mode = mode
     self.counts = collections.Counter()
 
@@ -400,3 +403,8 @@ class CocoPanopticSource:
     info = [{"id": int(i), "category_id": int(c), "iscrowd": int(k), "isthing": bool(self.is_thing[c]),
              "area": int(a)} for i, c, k, a in zip(ids, labels, crowd, area)]
     return idmap, info
+
+
+def from_config(d, split, *, bad_input, require_segments=False):
+  """The source of `split` from config.data (data/pipeline.py's DATASETS entry)."""
+  return CocoPanopticSource(d.root, split, bad_input=bad_input, require_segments=require_segments)

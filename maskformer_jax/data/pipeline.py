@@ -16,38 +16,46 @@ in order, each host a contiguous equal share, filled to whole batches with paddi
 import logging
 import math
 
+from absl import flags
 import grain
 import numpy as np
 
+from maskformer_jax import registry
 from maskformer_jax.data import transforms
 
 log = logging.getLogger("maskformer_jax.data")
 READ_THREADS = 4  # per process; decoding releases the GIL, and remote (gs://) reads wait on I/O
 
 
-def make_source(config, split, *, require_segments=False):
-  """The random-access source named by config.data.dataset, checked against config.model.num_classes."""
+# config.data.dataset -> "module:function" building its source (imported only when chosen: the TFDS source
+# pulls in TensorFlow Datasets). Each function takes (config.data, split, *, bad_input, require_segments).
+DATASETS = {
+    "coco_panoptic": "maskformer_jax.data.coco_panoptic:from_config",
+    "ade20k": "maskformer_jax.data.ade20k:from_config",
+    "tfds_coco_panoptic": "maskformer_jax.data.tfds:from_config",
+}
+
+
+def make_source(config, split, *, require_segments=False, bad_input=None, check_classes=True):
+  """The random-access source named by config.data.dataset, checked against config.model.num_classes.
+
+  `bad_input` overrides config.data.bad_input (data.check reads with 'raise'); `check_classes=False`
+  leaves the class count to the caller (data.check reports it instead of raising).
+  """
   d = config.data
-  if d.dataset == "coco_panoptic":
-    from maskformer_jax.data.coco_panoptic import CocoPanopticSource
-    src = CocoPanopticSource(d.root, split, bad_input=d.bad_input,
-                             require_segments=require_segments)
-  elif d.dataset == "ade20k":
-    from maskformer_jax.data.ade20k import Ade20kSource
-    src = Ade20kSource(d.root, split, bad_input=d.bad_input, ignore_label=d.ignore_label,
-                       require_segments=require_segments)
-  elif d.dataset == "tfds_coco_panoptic":
-    from maskformer_jax.data.tfds import TfdsCocoPanopticSource
-    src = TfdsCocoPanopticSource(split, data_dir=d.root or None, bad_input=d.bad_input,
-                                 require_segments=require_segments)
-  else:
-    raise ValueError(f"unknown data.dataset {d.dataset!r}; expected coco_panoptic, ade20k or "
-                     "tfds_coco_panoptic")
-  k = config.model.num_classes
-  if len(src.categories) != k:
-    raise ValueError(f"config.model.num_classes = {k} but {d.dataset} ({src!r}) has "
-                     f"{len(src.categories)} categories; set model.num_classes to match")
+  from_config = registry.get(DATASETS, d.dataset, "data.dataset")
+  src = from_config(d, split, bad_input=bad_input or d.bad_input, require_segments=require_segments)
+  if check_classes:
+    check_num_classes(config, src.categories, f"{d.dataset} ({src!r})")
   return src
+
+
+def check_num_classes(config, categories, what):
+  """The model's K must equal the dataset's class count: a mismatch would train silently wrong."""
+  k = config.model.num_classes
+  if len(categories) != k:
+    raise ValueError(f"config.model.num_classes = {k} but {what} has {len(categories)} categories: "
+                     f"set --config.model.num_classes={len(categories)}.")
 
 
 class _Padded:
@@ -112,7 +120,7 @@ class EvalMap(grain.transforms.Map):
 
 def _shards(shard_index, shard_count):
   if shard_index is None or shard_count is None:
-    import jax
+    import jax  # here: grain's worker processes import this module and never need JAX
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
   if not 0 <= shard_index < shard_count:
@@ -127,12 +135,13 @@ def per_host_batch(global_batch, shard_count):
 
 
 def make_loader(config, split, *, train, seed, shard_index=None, shard_count=None, num_epochs=None,
-                source=None, worker_count=None):
+                source=None, worker_count=None, max_examples=-1):
   """A grain.DataLoader of per-host batches in the batch contract.
 
   Iterate it with `it = iter(loader)`; `it.get_state()` / `it.set_state(state)` checkpoint the position
   mid-epoch (or save it with grain's orbax handler, `grain.checkpoint.CheckpointHandler`). `source` reuses
-  a source already built by `make_source`; `worker_count` overrides config.data.num_workers.
+  a source already built by `make_source`; `worker_count` overrides config.data.num_workers; eval only:
+  `max_examples` >= 0 reads the first that many examples of the split.
   """
   d = config.data
   shard_index, shard_count = _shards(shard_index, shard_count)
@@ -150,7 +159,7 @@ def make_loader(config, split, *, train, seed, shard_index=None, shard_count=Non
            grain.transforms.Batch(bs, drop_remainder=True)]
   else:
     bs = per_host_batch(config.eval.batch_size, shard_count)
-    n = len(source) if config.eval.max_examples < 0 else min(len(source), config.eval.max_examples)
+    n = len(source) if max_examples < 0 else min(len(source), max_examples)
     total = max(1, math.ceil(n / (bs * shard_count))) * bs * shard_count
     source = _Padded(source, n, total)
     shard = grain.sharding.ShardOptions(shard_index, shard_count)
@@ -159,7 +168,6 @@ def make_loader(config, split, *, train, seed, shard_index=None, shard_count=Non
     ops = [EvalMap(d.eval_size, d.eval_min_size, d.eval_max_size, m, k),
            grain.transforms.Batch(bs, drop_remainder=False)]
   if workers:
-    from absl import flags
     if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; not every caller is
       flags.FLAGS.mark_as_parsed()   # an absl app (tests, notebooks): use the flags' defaults
   # Reading threads decode ahead of the transforms; a small window bounds memory at large canvases.

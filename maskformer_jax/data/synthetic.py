@@ -18,6 +18,9 @@ import json
 import os
 import shutil
 
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from PIL import Image
 
@@ -167,6 +170,28 @@ def _generate(out_dir, num_train, num_val, image_size, seed):
   with open(marker, "w") as f:  # last: its presence means the dataset is complete
     json.dump(params, f)
   return out_dir
+
+
+def resolve_data_root(config):
+  """With config.data.root == "" and the COCO panoptic dataset: the synthetic dataset of
+  config.data.synthetic, generated once (by process 0) under $MASKFORMER_DATA or
+  ~/.cache/maskformer_jax and then reused. Returns the config, its data.root set."""
+  d = config.data
+  if d.root or d.dataset != "coco_panoptic":
+    return config
+  s = d.synthetic
+  size = tuple(int(x) for x in (s.image_size or d.image_size))
+  cache = os.environ.get("MASKFORMER_DATA") or os.path.join(
+      os.path.expanduser("~"), ".cache", "maskformer_jax")
+  root = os.path.join(cache, f"synthetic_{s.num_train}_{s.num_val}_{size[0]}x{size[1]}_s{config.seed}")
+  if jax.process_index() == 0:
+    generate(root, num_train=int(s.num_train), num_val=int(s.num_val), image_size=size, seed=config.seed)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("synthetic_data")
+  with config.unlocked():
+    d.root = root
+  logging.info("config.data.root is empty: using the synthetic dataset at %s", root)
+  return config
 
 
 def main(argv=None):

@@ -1,7 +1,7 @@
 """TFDS `coco/2017_panoptic` (prepared, ArrayRecord) as an alternative random-access source.
 
 Opened with `tfds.data_source(..., download=False)`. That call builds the dataset's code builder, whose
-definition imports TensorFlow; without TensorFlow installed (the default here, see SPEC section 8) the
+definition imports TensorFlow; without TensorFlow installed (the default here, see docs/reference.md section 8) the
 prepared directory `{data_dir}/coco/2017_panoptic/{version}` is opened read-only with
 `tfds.builder_from_directory` instead, which needs neither TensorFlow nor the builder code. Images are
 read undecoded (`SkipDecoding`) and decoded like the files of the COCO source, so bad input is handled
@@ -165,3 +165,9 @@ class TfdsCocoPanopticSource:
     info = [{"id": int(i), "category_id": int(c), "iscrowd": int(k), "isthing": bool(c < 80),
              "area": int(a)} for i, c, k, a in zip(ids, labels, crowd, area)]
     return idmap, info
+
+
+def from_config(d, split, *, bad_input, require_segments=False):
+  """The source of `split` from config.data (data/pipeline.py's DATASETS entry)."""
+  return TfdsCocoPanopticSource(split, data_dir=d.root or None, bad_input=bad_input,
+                                require_segments=require_segments)

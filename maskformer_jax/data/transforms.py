@@ -6,14 +6,14 @@ segment map), flip, compact the segments present into slots (on the content only
 canvas of the static size (segments -1 there: the padding mask is also given by `image_size`). A resize followed by a crop followed by a
 resize (the DETR recipe) is thus one resize of a crop of the original, same geometry, a third the work.
 
-Sizes follow detectron2's MaskFormer/Mask2Former mappers (../shared/SPEC.md section 3) for the original
+Sizes follow detectron2's MaskFormer/Mask2Former mappers (docs/reference.md section 3) for the original
 canvas (COCO DETR 1344, LSJ 1024, ADE20K 512); on a smaller canvas (tests, demo) the DETR and ADE20K
 sizes scale with it so an example always fits.
 """
 import cv2
 import numpy as np
 
-RECIPES = ("coco_detr", "lsj", "ade20k")
+from maskformer_jax import registry
 
 
 def shortest_edge_size(h, w, short, max_size):
@@ -116,7 +116,13 @@ def ade20k_geometry(rng, shape, canvas):
   return _to_original(y0, x0, ch, cw, rh / h, shape), (ch, cw), flip
 
 
-GEOMETRY = {"coco_detr": coco_detr_geometry, "lsj": lsj_geometry, "ade20k": ade20k_geometry}
+# config.data.recipe -> (geometry(rng, (h, w), canvas) -> (crop box, output size, flip), colour jitter?).
+# The ADE20K recipe adds the SSD photometric distortion (detectron2's ColorAugSSDTransform).
+RECIPES = {
+    "coco_detr": (coco_detr_geometry, False),
+    "lsj": (lsj_geometry, False),
+    "ade20k": (ade20k_geometry, True),
+}
 
 
 def _lut(alpha, beta):
@@ -183,12 +189,11 @@ def _example(img, seg, ex, canvas, max_instances, num_classes):
 
 def train_example(ex, rng, *, recipe, canvas, max_instances, num_classes):
   """Decoded example (source format) -> (batch-contract example at the static canvas, overflow)."""
-  if recipe not in GEOMETRY:
-    raise ValueError(f"unknown data.recipe {recipe!r}; expected one of {RECIPES}")
+  geometry, colour_jitter = registry.get(RECIPES, recipe, "data.recipe")
   canvas = tuple(int(c) for c in canvas)
-  box, out_hw, flip = GEOMETRY[recipe](rng, ex["image"].shape[:2], canvas)
+  box, out_hw, flip = geometry(rng, ex["image"].shape[:2], canvas)
   img, seg = crop_resize(ex["image"], ex["segments"], box, out_hw, flip)
-  if recipe == "ade20k":
+  if colour_jitter:
     img = color_aug_ssd(np.ascontiguousarray(img), rng)
   return _example(img, seg, ex, canvas, max_instances, num_classes)
 

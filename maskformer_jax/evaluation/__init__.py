@@ -3,6 +3,8 @@
 Eval loop, every host: `acc.add(...)` for its own images, then
 `total = PQAccumulator(categories); total.merge(sum_across_hosts(acc.state())); total.result()`.
 """
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from maskformer_jax.evaluation.miou import MIoUAccumulator
@@ -16,9 +18,6 @@ def sum_across_hosts(state: np.ndarray) -> np.ndarray:
 
   process_allgather goes through jax arrays, which without jax_enable_x64 would turn float64/int64 into
   32-bit; the state therefore travels as raw bytes and is summed in its own dtype on every host."""
-  import jax
-  from jax.experimental import multihost_utils
-
   state = np.ascontiguousarray(state)
   if jax.process_count() == 1:
     return state.copy()

@@ -25,6 +25,7 @@ RESNET_STAGES = {
     101: ((3, 4, 23, 3), True),
 }
 BN_EPS = 1e-5  # torch / detectron2 default
+NORMS = ("frozen_bn", "bn")  # config.model.backbone_norm
 
 # torchvision/detectron2 init for convs followed by BN: kaiming normal, fan_out.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -62,7 +63,7 @@ def _norm(kind: str, train: bool, dtype, name: str):
     # momentum 0.9 in flax == torch's momentum 0.1
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=BN_EPS, dtype=dtype,
                         param_dtype=jnp.float32, name=name)
-  raise ValueError(f"backbone_norm={kind!r} is not supported; use 'frozen_bn' or 'bn'.")
+  raise ValueError(f"model.backbone_norm={kind!r} is not one of {NORMS}.")
 
 
 def _conv(features, kernel, stride, dtype, name):
@@ -142,3 +143,13 @@ class _Stem(nn.Module):
     x = _conv(self.width, 7, 2, self.dtype, "conv")(x)
     x = nn.relu(_norm(self.norm, train, self.dtype, "bn")(x))
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def resnet(cfg, dtype, name):
+  """config.model.backbone = 'resnet': reads resnet_depth, resnet_width and backbone_norm."""
+  return ResNet(cfg.resnet_depth, cfg.resnet_width, cfg.backbone_norm, dtype, name=name)
+
+
+# config.model.backbone -> builder(model fields, compute dtype, scope name) -> a module mapping NHWC
+# images to {'res2': stride 4, ..., 'res5': stride 32}. A new backbone: one file and one entry here.
+BACKBONES = {"resnet": resnet}

@@ -31,8 +31,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from maskformer_jax.models.backbone import ResNet
-from maskformer_jax.models.pixel_decoder import PixelDecoder
+from maskformer_jax import registry
+from maskformer_jax.models.backbone import BACKBONES
+from maskformer_jax.models.pixel_decoder import PIXEL_DECODERS
 from maskformer_jax.models.transformer_decoder import TransformerDecoder
 
 # torch nn.Linear default init (kaiming uniform a=sqrt(5) -> U(+-1/sqrt(fan_in))), used by the heads.
@@ -57,7 +58,11 @@ class MLP(nn.Module):
 
 
 class MaskFormer(nn.Module):
-  """Fields mirror the keys of `config.model` (see maskformer_jax/config.py); build with build_model."""
+  """Fields mirror the keys of `config.model` (see maskformer_jax/config.py); build with build_model.
+
+  The backbone and pixel decoder are looked up by name in models/backbone.py's BACKBONES and
+  models/pixel_decoder.py's PIXEL_DECODERS; each builder reads the fields it needs from this module.
+  """
   backbone: str = "resnet"
   resnet_depth: int = 50
   resnet_width: int = 64
@@ -84,16 +89,10 @@ class MaskFormer(nn.Module):
       raise ValueError(f"image height and width must be multiples of 32 (the backbone's stride); got "
                        f"{images.shape[1]}x{images.shape[2]}: pad the images (bottom/right) to the next "
                        f"multiple of 32, as the data pipeline does.")
-    if self.backbone != "resnet":
-      raise ValueError(f"backbone={self.backbone!r} is not implemented; use 'resnet'.")
-    feats = ResNet(self.resnet_depth, self.resnet_width, self.backbone_norm, self.dtype, name="backbone")(
+    feats = registry.get(BACKBONES, self.backbone, "model.backbone")(self, self.dtype, "backbone")(
         images, train)
-    if self.pixel_decoder not in ("base", "transformer_encoder"):
-      raise ValueError(f"pixel_decoder={self.pixel_decoder!r}; use 'base' or 'transformer_encoder'.")
-    enc_layers = self.pixel_encoder_layers if self.pixel_decoder == "transformer_encoder" else 0
-    mask_features, memory = PixelDecoder(self.conv_dim, self.mask_dim, enc_layers, self.num_heads,
-                                         self.dim_feedforward, self.dropout, self.dtype,
-                                         name="pixel_decoder")(feats, train)
+    make_decoder = registry.get(PIXEL_DECODERS, self.pixel_decoder, "model.pixel_decoder")
+    mask_features, memory = make_decoder(self, self.dtype, "pixel_decoder")(feats, train)
     hs = TransformerDecoder(self.num_queries, self.hidden_dim, self.num_heads, self.dim_feedforward,
                             self.dec_layers, self.dropout, self.enforce_input_proj, self.dtype,
                             name="transformer_decoder")(memory, train)  # [L, B, Q, hidden]

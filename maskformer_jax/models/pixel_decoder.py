@@ -84,3 +84,20 @@ class PixelDecoder(nn.Module):
     mask_features = nn.Conv(self.mask_dim, (3, 3), padding=((1, 1), (1, 1)), kernel_init=_c2_xavier,
                             dtype=self.dtype, param_dtype=jnp.float32, name="mask_features")(y)
     return mask_features, transformer_input
+
+
+def base(cfg, dtype, name):
+  """config.model.pixel_decoder = 'base': the FPN alone (BasePixelDecoder)."""
+  return PixelDecoder(cfg.conv_dim, cfg.mask_dim, 0, cfg.num_heads, cfg.dim_feedforward, cfg.dropout,
+                      dtype, name=name)
+
+
+def transformer_encoder(cfg, dtype, name):
+  """'transformer_encoder' ("+6 Enc"): pixel_encoder_layers encoder layers on res5, then the FPN."""
+  return PixelDecoder(cfg.conv_dim, cfg.mask_dim, cfg.pixel_encoder_layers, cfg.num_heads,
+                      cfg.dim_feedforward, cfg.dropout, dtype, name=name)
+
+
+# config.model.pixel_decoder -> builder(model fields, compute dtype, scope name) -> a module mapping the
+# backbone's features to (mask_features at stride 4, the transformer decoder's memory at stride 32).
+PIXEL_DECODERS = {"base": base, "transformer_encoder": transformer_encoder}

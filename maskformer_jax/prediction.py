@@ -1,0 +1,104 @@
+"""Panoptic predictions for image files, in the COCO panoptic format, with an overlay per image.
+
+What `python -m maskformer_jax.predict` runs. Writes, per image, OUT/panoptic/<stem>.png (segment id =
+R + 256 G + 256^2 B) and OUT/overlays/<stem>.png (the image with coloured segments and outlines), and
+OUT/predictions.json holding every image's `segments_info` with the dataset's original category ids
+(the COCO panoptic results format, `annotations` list). Images go through the evaluation resize
+(config.data.eval_min_size / eval_max_size, padded to config.data.eval_size) and the result is
+returned at the original resolution.
+"""
+import itertools
+import json
+import os
+
+from absl import logging
+import jax
+import numpy as np
+from PIL import Image
+
+from maskformer_jax import inference
+from maskformer_jax import train_step as train_step_lib
+from maskformer_jax import visualize
+from maskformer_jax.data import pipeline
+from maskformer_jax.data import transforms
+from maskformer_jax.data.coco_panoptic import BadInputPolicy, as_bad_input, decode_rgb, read_bytes
+from maskformer_jax.evaluation import id2rgb
+
+
+def load_categories(config, path=""):
+  """Categories as {id, name, isthing, contiguous_id}, from a JSON file or the configured dataset."""
+  if path:
+    with open(path) as f:
+      cats = json.load(f)
+    cats = cats["categories"] if isinstance(cats, dict) else cats
+    cats = sorted(cats, key=lambda c: c["id"])
+    return [{**c, "contiguous_id": i} for i, c in enumerate(cats)]
+  return pipeline.make_source(config, config.data.val_split).categories
+
+
+def prepare(path, config, max_instances, num_classes):
+  """One image file -> a batch-contract example through the evaluation resize.
+
+  Decoded like the dataset sources' images (OpenCV, PIL's verdict on a bad file), so an empty, truncated
+  or unreadable file raises BadInputError naming it.
+  """
+  image = decode_rgb(read_bytes(path), path)
+  ex = {"image": image, "segments": np.full(image.shape[:2], -1, np.int32),
+        "seg_labels": np.zeros((0,), np.int32), "image_id": 0}
+  out, _ = transforms.eval_example(ex, canvas=config.data.eval_size, min_size=config.data.eval_min_size,
+                                   max_size=config.data.eval_max_size, max_instances=max_instances,
+                                   num_classes=num_classes)
+  return out, image
+
+
+def predict(config, state, model, mesh, image_paths, out_dir, categories):
+  """Runs the model on `paths` in batches of config.eval.batch_size; returns the predictions JSON.
+
+  A bad image file follows config.data.bad_input: 'raise' raises BadInputError naming the file and the
+  problem; 'skip' logs it, predicts the others and lists it in result['skipped'] ({file, error}).
+  """
+  policy = BadInputPolicy(config.data.bad_input)
+  eval_step = train_step_lib.make_eval_step(config, model, mesh)
+  os.makedirs(os.path.join(out_dir, "panoptic"), exist_ok=True)
+  os.makedirs(os.path.join(out_dir, "overlays"), exist_ok=True)
+  k, m, bs = config.model.num_classes, config.data.max_instances, config.eval.batch_size
+  annotations, skipped = [], []
+
+  def prepared():  # (path, example, image) of each readable file, in order
+    for p in image_paths:
+      try:
+        yield (p, *prepare(p, config, m, k))
+      except Exception as e:  # not BaseException: an interrupt stops the run
+        err = as_bad_input(e, [p])
+        policy(err, 0)  # raises under 'raise'; logs and counts under 'skip'
+        skipped.append({"file": p, "error": str(err)})
+
+  ready = prepared()
+  while chunk := list(itertools.islice(ready, bs)):
+    chunk, examples, images = zip(*chunk)
+    examples = list(examples) + [examples[-1]] * (bs - len(chunk))  # fill the static batch
+    batch = {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+    batch["image_id"] = np.where(np.arange(bs) < len(chunk), 0, -1).astype(np.int32)
+    outputs = jax.device_get(eval_step(state, train_step_lib.shard_batch(batch, mesh)))
+    results = inference.postprocess_to_original(
+        outputs, batch, categories=categories, task="panoptic",
+        object_mask_threshold=config.eval.object_mask_threshold,
+        overlap_threshold=config.eval.overlap_threshold)
+    for path, image, (id_map, segments_info) in zip(chunk, images, results):
+      stem = os.path.splitext(os.path.basename(path))[0]
+      Image.fromarray(id2rgb(id_map)).save(os.path.join(out_dir, "panoptic", stem + ".png"))
+      Image.fromarray(visualize.overlay(image, id_map, segments_info, categories)).save(
+          os.path.join(out_dir, "overlays", stem + ".png"))
+      annotations.append({"image_id": int(stem) if stem.isdigit() else stem,  # COCO files: the id
+                          "file_name": stem + ".png", "image_file": os.path.basename(path),
+                          "segments_info": [{k2: s[k2] for k2 in ("id", "category_id", "isthing", "score",
+                                                                  "area")} for s in segments_info]})
+  if skipped:
+    logging.warning("%d of %d images skipped as bad input (data.bad_input=skip): %s", len(skipped),
+                    len(image_paths), ", ".join(s["file"] for s in skipped))
+  result = {"annotations": annotations,
+            "categories": [{k2: c[k2] for k2 in ("id", "name", "isthing") if k2 in c} for c in categories],
+            "skipped": skipped}
+  with open(os.path.join(out_dir, "predictions.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  return result
