@@ -383,7 +383,7 @@ def test_pq_compute_bad_ground_truth_and_cli(tmp_path, capsys):
 def test_predict_skips_or_raises_on_bad_image_files(tmp_path, monkeypatch, caplog):
   """The model is a stand-in (no compile): what is tested is the reading and the policy."""
   import jax
-  from maskformer_jax import predict as predict_lib
+  from maskformer_jax import prediction as predict_lib
   from maskformer_jax import sharding
   from maskformer_jax import train_step as train_step_lib
   from maskformer_jax.data.synthetic import CATEGORIES
@@ -393,7 +393,7 @@ def test_predict_skips_or_raises_on_bad_image_files(tmp_path, monkeypatch, caplo
   c.mesh.data, c.mesh.model = 1, 1
   mesh = sharding.make_mesh(c.mesh, devices=jax.local_devices()[:1])
 
-  def make_eval_step(config, model, mesh):
+  def make_eval_step(config, model, mesh, shardings=None):
     def step(state, batch):
       b, h, w = batch["image"].shape[:3]
       return {"pred_logits": np.zeros((b, 3, 6), np.float32),

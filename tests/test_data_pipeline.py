@@ -151,9 +151,8 @@ def test_eval_shards_cover_split_exactly_once(root):
 
 def test_eval_max_examples_and_batch_divisibility(root):
   c = cfg(root)
-  c.eval.max_examples = 5
   ids = [i for b in pipeline.make_loader(c, "val2017", train=False, seed=0, shard_index=0,
-                                         shard_count=1) for i in b["image_id"].tolist()]
+                                         shard_count=1, max_examples=5) for i in b["image_id"].tolist()]
   assert ids == list(range(NUM_TRAIN + 1, NUM_TRAIN + 6)) + [-1] * 3
   c.batch_size = 5
   with pytest.raises(ValueError, match="not divisible by 2 hosts"):

@@ -69,7 +69,7 @@ def test_main_job_as_written_checkpoints_evaluates_and_resumes(tmp_path):
   assert "runs/demo" in argv  # relative, as the user types it
   os.symlink(ROOT / "configs", tmp_path / "configs")  # a fresh directory holding the checkout's configs
   short = ["--config.total_steps=40", "--config.train.checkpoint_every=20",
-           "--config.train.eval_every=20", "--config.train.log_every=10"]
+           "--config.evals.val.every=20", "--config.train.log_every=10"]
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),  # the rerun reuses it
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   env.pop("XLA_FLAGS", None)  # one CPU device, as on a user's machine
