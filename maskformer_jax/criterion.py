@@ -18,7 +18,11 @@ Against Hugging Face's MaskFormerLoss (tests/test_criterion.py): the same terms 
 interpolation of the targets by an integer factor is our striding `segments[:, ::s, ::s]`; its aux
 losses call the same loss on each layer with the same num_masks, as the original (HF's deviation is in
 the model, which feeds the aux heads un-normalised decoder states; our model uses the shared norm).
-Slots beyond the matched ones (padding, or targets past Q queries) carry zero weight.
+
+More targets than queries (M > Q slots, and images with n > Q real targets) follow HF, i.e. scipy on
+the rectangular [Q, n] cost: Q pairs are matched, so every query has a real class target and none is
+no-object; the n - Q unmatched targets (index -1 while valid) add nothing to the CE, focal or dice sums,
+but still count in `num_masks` (HF's `get_num_masks` counts every target label, matched or not).
 """
 import jax
 import jax.numpy as jnp
@@ -30,7 +34,7 @@ sg = jax.lax.stop_gradient
 
 
 def num_masks(batch):
-  """The global number of target masks, at least 1 (a float32 scalar)."""
+  """The global number of target masks, at least 1 (a float32 scalar); unmatched targets count too."""
   return jnp.maximum(jnp.sum(batch["valid"].astype(jnp.float32)), 1.0)
 
 
@@ -109,7 +113,8 @@ def upsampled_mask_losses(src, segments, alpha, gamma):
 
 
 def match(pred_logits, pred_masks, batch, loss_config, rng=None):
-  """int32 [B, M]: the query matched to each target slot, -1 for none (no gradient)."""
+  """int32 [B, M]: the query matched to each target slot (no gradient); -1 for padding slots and for
+  the targets left unmatched when an image has more than Q."""
   lc = loss_config
   segments, num_slots = batch["segments"], batch["labels"].shape[1]
   if lc.matcher_num_points > 0:  # Mask2Former: costs on points sampled from the full-res masks
@@ -131,7 +136,9 @@ def layer_losses(pred_logits, pred_masks, batch, indices, loss_config, *, num_ma
   labels, segments = batch["labels"], batch["segments"]
   matched = indices >= 0
 
-  # Cross-entropy over all queries; unmatched ones are no-object (index K), weighted eos_coef.
+  # Cross-entropy over all queries; unmatched ones are no-object (index K), weighted eos_coef. An index
+  # of -1 (padding or unmatched target) must not reach a gather or scatter, where JAX would wrap it
+  # to query Q-1: it becomes the out-of-range Q, dropped.
   rows = jnp.broadcast_to(jnp.arange(b)[:, None], indices.shape)
   target_cls = jnp.full((b, q), k1 - 1, jnp.int32).at[rows, jnp.where(matched, indices, q)].set(
       labels.astype(jnp.int32), mode="drop")
@@ -140,7 +147,8 @@ def layer_losses(pred_logits, pred_masks, batch, indices, loss_config, *, num_ma
   w = jnp.where(target_cls == k1 - 1, lc.eos_coef, 1.0)
   loss_ce = jnp.sum(w * nll) / ce_norm
 
-  # Mask losses on matched pairs only: preds gathered by the match, [B, M, h, w].
+  # Mask losses on matched pairs only: preds gathered by the match, [B, M, h, w] (slot -1 reads query
+  # 0, then gets weight 0 below).
   src = jnp.take_along_axis(pred_masks.astype(jnp.float32),
                             jnp.maximum(indices, 0)[:, :, None, None], axis=1)
   num_slots = labels.shape[1]

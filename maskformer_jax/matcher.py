@@ -1,7 +1,10 @@
 """Batched exact bipartite matching and the MaskFormer matching costs (docs/reference.md section 2).
 
 `hungarian` solves one assignment problem per image inside the jitted step (no host round trip);
-`host_hungarian` runs scipy through `jax.pure_callback` for comparison only.
+`host_hungarian` runs scipy through `jax.pure_callback` for comparison only. Both follow
+`linear_sum_assignment` on the rectangular [queries, targets] cost, as the original and Hugging Face's
+`MaskFormerHungarianMatcher` do: min(#queries, #targets) pairs per image, so with more targets than
+queries every query gets one target and the remaining targets stay unmatched (-1).
 """
 import jax
 import jax.numpy as jnp
@@ -81,8 +84,10 @@ def _auction_start(c, valid, rounds):
 
 
 def _solve(c, valid, rounds=None):
-  """Shortest augmenting paths (Jonker-Volgenant / scipy's LAPJV variant) for c [B, N, M], M <= N.
+  """Shortest augmenting paths (Jonker-Volgenant / scipy's LAPJV variant) for c [B, N, M].
 
+  Every valid column gets a row, so an image needs at most as many usable (finite-cost) rows as valid
+  columns; `hungarian` pads to ensure it. +inf entries are never used (never relaxed, never settled).
   Solved as the transposed M x N problem: rows are targets, columns queries. Every image runs its own state machine and all images advance
   together, one Dijkstra step per `while_loop` iteration, so the number of sequential iterations is the
   largest per-image count of Dijkstra steps, not the sum over the batch. One step scans one row against
@@ -177,35 +182,50 @@ def _solve(c, valid, rounds=None):
 
 
 def hungarian(cost, valid):
-  """Minimum-cost assignment of every valid column (target) to a distinct row (query).
+  """Minimum-cost matching of min(N, n) pairs per image, n = the image's number of valid columns.
 
-  Exact (same total as scipy's `linear_sum_assignment` on the valid columns); invalid columns take no
-  part at all. Pure JAX with static shapes: works under jit, vmap and shard_map. Costs go through
-  `sanitize_costs` (non-finite policy above). Solver: an auction start, then batched shortest augmenting
-  paths (`_solve`); its speed and how it grows with M are in docs/benchmarks.md ("Matcher").
+  Exact: the same total as scipy's `linear_sum_assignment` on the valid sub-matrix [N, n], which is what
+  the original and Hugging Face's matcher solve. With n <= N every valid column (target) gets a distinct
+  row (query); with n > N every row gets a distinct valid column and the other n - N valid columns stay
+  unmatched. Invalid columns take no part at all. Pure JAX with static shapes: works under jit, vmap
+  and shard_map. Costs go through `sanitize_costs` (non-finite policy above). Solver: an auction start,
+  then batched shortest augmenting paths (`_solve`); its speed and how it grows with M are in
+  docs/benchmarks.md ("Matcher").
+
+  When M > N, M - N dummy rows are appended, of which image b may use exactly max(0, n_b - N) (cost 0;
+  the others +inf, i.e. absent). An image with n > N then has a square problem: every real row is used,
+  the n - N columns left on dummies are its unmatched targets, and as every dummy costs the same the
+  optimum over the real pairs is scipy's. No "very large" cost enters the sums, so float32 stays exact.
 
   Args:
-    cost: float [B, N, M], N >= M.
+    cost: float [B, N, M] (any N, M).
     valid: bool [B, M], real targets.
   Returns:
-    int32 [B, M]: the row assigned to each column, -1 for invalid columns.
+    int32 [B, M]: the row matched to each column; -1 for invalid and unmatched columns.
   """
   cost = jnp.asarray(cost)
   b, n, m = cost.shape
-  if n < m:
-    raise ValueError(f"hungarian needs N >= M, got cost of shape {cost.shape}")
   if m == 0:
     return jnp.zeros((b, 0), jnp.int32)
   dtype = cost.dtype if cost.dtype in (jnp.float32, jnp.float64) else jnp.float32
   # The assignment is piecewise constant in the costs: no gradient (and none through the while_loop).
   cost = sanitize_costs(jax.lax.stop_gradient(cost).astype(dtype))
   valid = jnp.asarray(valid, bool)
-  return _solve(cost, valid).astype(jnp.int32)
+  if m <= n:  # n_b <= M <= N: every valid column is matched, no dummies needed
+    return _solve(cost, valid).astype(jnp.int32)
+  excess = jnp.sum(valid, axis=1, dtype=jnp.int32) - n  # valid columns that cannot all be matched
+  usable = jnp.arange(m - n, dtype=jnp.int32)[None, :] < excess[:, None]  # [B, M - N]
+  dummy = jnp.where(usable, jnp.zeros((), dtype), jnp.array(jnp.inf, dtype))
+  padded = jnp.concatenate([cost, jnp.broadcast_to(dummy[:, :, None], (b, m - n, m))], axis=1)
+  rows = _solve(padded, valid)  # [B, M] over M rows: N real, then the dummies
+  return jnp.where(rows < n, rows, -1).astype(jnp.int32)
 
 
 def optax_hungarian(cost, valid):
   """Peer for benchmarks and tests: vmapped `optax.assignment.hungarian_algorithm`, invalid columns at a
-  constant cost (which keeps the real columns exact)."""
+  constant cost (which keeps the real columns exact only when N >= M, hence the check)."""
+  if np.shape(cost)[1] < np.shape(cost)[2]:
+    raise ValueError(f"optax_hungarian needs N >= M, got cost of shape {np.shape(cost)}")
 
   def one(cost_t, valid):
     cost_t = jnp.where(valid[:, None], cost_t, 0.0)
@@ -226,14 +246,16 @@ def _scipy_batch(cost, valid):
     cols = np.flatnonzero(valid[b])
     if cols.size == 0:
       continue
-    # Rows of the transposed problem are the targets: row_ind == arange(len(cols)).
-    _, qs = linear_sum_assignment(cost[b][:, cols].T)
-    out[b, cols] = qs
+    # Rows of the transposed problem are the targets; with more targets than queries only N of them
+    # come back (the optimum of the untransposed [N, n] problem, which HF solves).
+    ts, qs = linear_sum_assignment(cost[b][:, cols].T)
+    out[b, cols[ts]] = qs
   return out
 
 
 def host_hungarian(cost, valid):
-  """Same contract as `hungarian`, solved by scipy on the host (for comparison only)."""
+  """Same contract as `hungarian` (unmatched targets -1 too), solved by scipy on the host (for
+  comparison only)."""
   cost = sanitize_costs(jnp.asarray(cost, jnp.float32))
   valid = jnp.asarray(valid, bool)
   shape = jax.ShapeDtypeStruct(valid.shape, jnp.int32)

@@ -1,4 +1,9 @@
-"""Exact assignment against scipy, and the matching costs against Hugging Face's MaskFormer matcher."""
+"""Exact assignment against scipy, and the matching costs against Hugging Face's MaskFormer matcher.
+
+The reference for the assignment is scipy's `linear_sum_assignment` on the rectangular valid sub-matrix
+[N, n], as HF's matcher calls it: min(N, n) pairs, so with more valid columns than rows some columns
+stay unmatched (-1).
+"""
 import functools
 
 import jax
@@ -12,6 +17,7 @@ from maskformer_jax import matcher
 
 # A few fixed shapes (B, N, M) keep compilation out of the property tests.
 SHAPES = [(3, 6, 4), (2, 5, 5), (4, 9, 1), (2, 12, 7), (1, 3, 3)]
+WIDE = [(3, 4, 6), (2, 1, 5), (2, 5, 9), (4, 7, 8)]  # M > N: images may have more targets than rows
 hungarian = jax.jit(matcher.hungarian)
 
 
@@ -24,23 +30,27 @@ def scipy_total(cost, valid):
     if cols.size == 0:
       out.append(0.0)
       continue
-    r, q = linear_sum_assignment(c[:, cols].T)
-    out.append(c[q, cols].sum())
+    r, q = linear_sum_assignment(c[:, cols])  # HF's orientation: [N queries, n targets]
+    out.append(c[r, cols[q]].sum())
   return np.array(out), cost
 
 
 def check(cost, valid, rows, rtol=1e-5):
-  """One-to-one on the valid columns, -1 elsewhere, and total cost equal to scipy's."""
+  """min(N, n) one-to-one pairs on the valid columns, -1 elsewhere, total cost equal to scipy's."""
   rows = np.asarray(rows)
   valid = np.asarray(valid)
   assert rows.dtype == np.int32 and rows.shape == valid.shape
   ref, sane = scipy_total(cost, valid)
   for b in range(rows.shape[0]):
     assert (rows[b][~valid[b]] == -1).all()
-    got = rows[b][valid[b]]
-    assert ((got >= 0) & (got < cost.shape[1])).all()
-    assert len(set(got.tolist())) == got.size, "not one-to-one"
-    total = sane[b][got, np.flatnonzero(valid[b])].sum()
+    cols = np.flatnonzero(valid[b])
+    got = rows[b][cols]
+    assert ((got >= -1) & (got < cost.shape[1])).all()
+    matched = got >= 0
+    assert matched.sum() == min(cost.shape[1], cols.size), "not min(N, n) pairs"
+    got, cols = got[matched], cols[matched]
+    assert len(set(got.tolist())) == got.size, "a row used twice"
+    total = sane[b][got, cols].sum()
     scale = np.abs(sane[b]).max() * max(valid[b].sum(), 1) if sane[b].size else 0.0
     assert abs(total - ref[b]) <= rtol * scale + 1e-6, (b, total, ref[b])
 
@@ -70,13 +80,26 @@ def test_hungarian_matches_scipy(shape, kind, seed, valid_p):
   check(cost, valid, hungarian(cost, valid))
 
 
-@pytest.mark.parametrize("n,m", [(100, 30), (100, 100), (40, 40)])
+@settings(max_examples=150)
+@given(shape=st.sampled_from(WIDE), kind=st.sampled_from(["random", "integer", "constant", "dynamic",
+                                                           "negative"]),
+       seed=st.integers(0, 2**32 - 1), valid_p=st.sampled_from([0.0, 0.5, 0.8, 1.0]))
+def test_more_columns_than_rows_matches_scipy(shape, kind, seed, valid_p):
+  """M > N: images with n <= N match every valid column, images with n > N match every row."""
+  rng = np.random.default_rng(seed)
+  cost = matrices(kind, shape, rng).astype(np.float32)
+  valid = rng.random(shape[::2]) < valid_p
+  check(cost, valid, hungarian(cost, valid))
+
+
+@pytest.mark.parametrize("n,m", [(100, 30), (100, 100), (40, 40), (100, 150), (50, 100)])
 def test_hungarian_realistic_sizes(n, m):
   rng = np.random.default_rng(n + m)
   cost = rng.random((6, n, m)).astype(np.float32)
   valid = np.arange(m) < rng.integers(0, m + 1, (6, 1))
-  valid[0] = True  # all valid, N == M when n == m
+  valid[0] = True  # all valid, N == M when n == m, more targets than queries when m > n
   valid[1] = False  # all invalid
+  valid[2] = np.arange(m) < min(n, m)  # exactly N targets when m > n
   rows = hungarian(cost, valid)
   check(cost, valid, rows)
   assert (np.asarray(rows)[1] == -1).all()
@@ -103,6 +126,18 @@ def test_padded_columns_do_not_matter():
   check(cost, valid, a)
 
 
+def test_wide_integer_costs_are_exact():
+  """ADE20K's shape (150 slots, 100 queries), all slots valid, many ties: scipy's total exactly."""
+  rng = np.random.default_rng(8)
+  cost = rng.integers(0, 3, (3, 100, 150)).astype(np.float32)
+  valid = np.ones((3, 150), bool)
+  rows = np.asarray(hungarian(cost, valid))
+  ref, _ = scipy_total(cost, valid)
+  assert ((rows >= 0).sum(1) == 100).all()
+  got = np.where(rows >= 0, np.take_along_axis(cost, np.maximum(rows, 0)[:, None, :], axis=1)[:, 0], 0)
+  np.testing.assert_array_equal(got.sum(-1), ref)
+
+
 def test_non_finite_policy():
   """NaN, +inf and -inf are all a large finite cost: used only when no assignment avoids them."""
   valid = np.array([[True, True, False]])
@@ -118,16 +153,20 @@ def test_non_finite_policy():
   cost[rng.random(cost.shape) < 0.1] = np.inf
   valid = rng.random((2, 7)) < 0.8
   check(cost, valid, hungarian(cost, valid))
+  wide = np.full((1, 2, 3), np.nan, np.float32)  # more targets than rows: non-finite pairs avoided too
+  wide[0, 0, 2], wide[0, 1, 0] = 1.0, 2.0
+  np.testing.assert_array_equal(hungarian(wide, np.ones((1, 3), bool)), [[1, -1, 0]])
 
 
-def test_deterministic_and_input_checks():
+def test_deterministic_and_degenerate_shapes():
   rng = np.random.default_rng(3)
   cost = rng.integers(0, 2, (2, 12, 7)).astype(np.float32)
   valid = np.ones((2, 7), bool)
   np.testing.assert_array_equal(hungarian(cost, valid), hungarian(cost, valid))
-  with pytest.raises(ValueError, match="N >= M"):
-    matcher.hungarian(np.zeros((1, 2, 3), np.float32), np.ones((1, 3), bool))
   assert matcher.hungarian(np.zeros((2, 4, 0), np.float32), np.ones((2, 0), bool)).shape == (2, 0)
+  wide = np.array([[[3.0, 1.0, 2.0]]], np.float32)  # one row, three targets: the cheapest is matched
+  np.testing.assert_array_equal(hungarian(wide, np.ones((1, 3), bool)), [[-1, 0, -1]])
+  np.testing.assert_array_equal(hungarian(wide, np.array([[True, False, True]])), [[-1, -1, 0]])
 
 
 def test_gradients_flow_around_the_matcher():
@@ -148,24 +187,26 @@ def test_gradients_flow_around_the_matcher():
   np.testing.assert_array_equal(g, expect)
 
 
-def test_vmap_over_an_extra_batch_dim():
+@pytest.mark.parametrize("n,m", [(9, 6), (4, 7)])
+def test_vmap_over_an_extra_batch_dim(n, m):
   rng = np.random.default_rng(4)
-  cost = rng.random((3, 4, 9, 6)).astype(np.float32)
-  valid = rng.random((3, 4, 6)) < 0.7
+  cost = rng.random((3, 4, n, m)).astype(np.float32)
+  valid = rng.random((3, 4, m)) < 0.7
   got = np.asarray(jax.jit(jax.vmap(matcher.hungarian))(cost, valid))
   for k in range(3):
     np.testing.assert_array_equal(got[k], hungarian(cost[k], valid[k]))
-  check(cost.reshape(12, 9, 6), valid.reshape(12, 6), got.reshape(12, 6))
+  check(cost.reshape(12, n, m), valid.reshape(12, m), got.reshape(12, m))
 
 
-def test_shard_map_over_8_devices():
+@pytest.mark.parametrize("n,m", [(20, 8), (6, 10)])
+def test_shard_map_over_8_devices(n, m):
   assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
   spec = jax.sharding.PartitionSpec("data")
   f = jax.jit(jax.shard_map(matcher.hungarian, mesh=mesh, in_specs=(spec, spec), out_specs=spec))
   rng = np.random.default_rng(5)
-  cost = rng.random((16, 20, 8)).astype(np.float32)
-  valid = rng.random((16, 8)) < 0.8
+  cost = rng.random((16, n, m)).astype(np.float32)
+  valid = rng.random((16, m)) < 0.8
   shard = jax.sharding.NamedSharding(mesh, spec)
   got = f(jax.device_put(cost, shard), jax.device_put(valid, shard))
   np.testing.assert_array_equal(got, hungarian(cost, valid))
@@ -178,9 +219,20 @@ def test_host_and_optax_peers_agree():
   valid = rng.random((2, 7)) < 0.7
   check(cost, valid, jax.jit(matcher.host_hungarian)(cost, valid))
   check(cost, valid, jax.jit(matcher.optax_hungarian)(cost, valid))
-  assert matcher.make_matcher("jax") is matcher.hungarian
-  assert matcher.make_matcher("scipy") is matcher.host_hungarian
-  with pytest.raises(ValueError):
+  wide = rng.random((3, 4, 9)).astype(np.float32)  # more targets than rows: scipy's unmatched too
+  wide_valid = np.array([[True] * 9, [True] * 3 + [False] * 6, [True, False] * 4 + [True]])
+  host = np.asarray(jax.jit(matcher.host_hungarian)(wide, wide_valid))
+  check(wide, wide_valid, host)
+  np.testing.assert_array_equal(host, hungarian(wide, wide_valid))  # continuous costs: one optimum
+  with pytest.raises(ValueError, match="N >= M"):
+    matcher.optax_hungarian(wide, wide_valid)
+
+
+def test_matcher_registry():
+  assert matcher.MATCHERS == {"jax": matcher.hungarian, "scipy": matcher.host_hungarian}
+  for name, solver in matcher.MATCHERS.items():
+    assert matcher.make_matcher(name) is solver
+  with pytest.raises(ValueError, match=r"loss\.matcher='auction' is not one of \['jax', 'scipy'\]"):
     matcher.make_matcher("auction")
 
 
@@ -247,12 +299,23 @@ def test_costs_accept_boolean_targets_and_ignore_padded_slots():
   np.testing.assert_array_equal(got, ref)
 
 
-def test_strided_slice_is_torch_nearest():
+@pytest.mark.parametrize("s", [1, 2, 4, 8])
+def test_target_downsampling_is_torch_nearest(s):
+  """The project's striding (`criterion.target_masks` for the criterion's matching, and the one inside
+  `matching_costs`) is HF's `interpolate(mode="nearest")` for every integer factor, non-square sizes."""
   import torch
-  x = np.random.default_rng(0).random((2, 3, 24, 40)).astype(np.float32)
-  for s in (1, 2, 4, 8):
-    ref = torch.nn.functional.interpolate(torch.tensor(x), size=(24 // s, 40 // s), mode="nearest")
-    np.testing.assert_array_equal(x[..., ::s, ::s], ref.numpy())
+  from maskformer_jax import criterion
+  rng = np.random.default_rng(s)
+  segments = rng.integers(-1, 4, (2, 24, 40)).astype(np.int32)  # -1: void
+  full = np.asarray(criterion.target_masks(jnp.asarray(segments), 4))  # [B, M, 24, 40]
+  ref = torch.nn.functional.interpolate(torch.tensor(full), size=(24 // s, 40 // s), mode="nearest")
+  np.testing.assert_array_equal(np.asarray(criterion.target_masks(jnp.asarray(segments), 4, s)),
+                                ref.numpy())
+  batch = random_batch(s, h=24 // s, w=40 // s, s=1)
+  weights = dict(cost_class=1.0, cost_mask=20.0, cost_dice=1.0)
+  strided = matcher.matching_costs(**dict(batch, target_masks=full), **weights)
+  np.testing.assert_allclose(strided, matcher.matching_costs(**dict(batch, target_masks=ref.numpy()),
+                                                             **weights), rtol=1e-6, atol=1e-6)
 
 
 def test_costs_reject_non_integer_stride():
