@@ -5,17 +5,11 @@ single-scale published (docs/reference.md section 5).
   --config configs/ade20k.py:backbone=r101    R101
   --config configs/ade20k.py:runlocal         the same code paths at toy size (needs data.root)
 """
-from maskformer_jax.config import base_config, parse_arg, runlocal
-
-DEPTHS = {"r50": 50, "r101": 101}
+from maskformer_jax.config import family, runlocal
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, backbone="r50", runlocal=False)
-  c = base_config()
-  if a.backbone not in DEPTHS:
-    raise ValueError(f"configs/ade20k.py: backbone={a.backbone!r} is not one of {sorted(DEPTHS)}.")
-  c.model.resnet_depth = DEPTHS[a.backbone]
+  c, a = family(arg, "configs/ade20k.py")
   c.model.num_classes = 150
   c.batch_size = 16
   c.total_steps = 160_000

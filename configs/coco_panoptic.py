@@ -8,16 +8,10 @@ published (docs/reference.md section 5).
 maskformer_jax/config.py's defaults are this recipe (batch 64, 554,400 steps, x0.1 at 369,600, the DETR
 augmentation at a 1344 canvas, PQ evaluation); this file states only what differs.
 """
-from maskformer_jax.config import base_config, parse_arg, runlocal
-
-DEPTHS = {"r50": 50, "r101": 101}
+from maskformer_jax.config import family, runlocal
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, backbone="r50", runlocal=False)
-  c = base_config()
-  if a.backbone not in DEPTHS:
-    raise ValueError(f"configs/coco_panoptic.py: backbone={a.backbone!r} is not one of {sorted(DEPTHS)}.")
-  c.model.resnet_depth = DEPTHS[a.backbone]
+  c, a = family(arg, "configs/coco_panoptic.py")
   c.model.pixel_decoder = "transformer_encoder"
   return runlocal(c) if a.runlocal else c

@@ -189,6 +189,20 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+RESNET_BACKBONES = {"r50": 50, "r101": 101}  # a family's backbone=... argument
+
+
+def family(arg, where):
+  """(base_config with the backbone of `arg` set, parsed arg) for a family "backbone=r101,runlocal";
+  finish with `runlocal(c)` when arg.runlocal, after the family's own changes."""
+  a = parse_arg(arg, backbone="r50", runlocal=False)
+  if a.backbone not in RESNET_BACKBONES:
+    raise ValueError(f"{where}: backbone={a.backbone!r} is not one of {sorted(RESNET_BACKBONES)}.")
+  c = base_config()
+  c.model.resnet_depth = RESNET_BACKBONES[a.backbone]
+  return c, a
+
+
 def runlocal(c) -> ml_collections.ConfigDict:
   """A family's "runlocal" variant: the same code paths at toy size, seconds to compile on a CPU.
 
