@@ -269,10 +269,11 @@ def restore(manager, state, iterator=None, *, step: int | None = None):
   failed, first_error = [], None
   for s in steps:
     holder = _IteratorState()
+    items = {"state": ocp.args.StandardRestore(abstract)}
+    if iterator is not None:  # evaluation needs no data position (and may run on another process count)
+      items["data"] = grain.checkpoint.CheckpointRestore(holder)
     try:
-      restored = manager.restore(s, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract),
-          data=grain.checkpoint.CheckpointRestore(holder)))
+      restored = manager.restore(s, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001 -- any damage shows up as some exception from orbax
       logging.warning("Checkpoint at step %d could not be restored (%s: %s); trying the previous one.",
                       s, type(e).__name__, str(e)[:500])

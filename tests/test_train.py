@@ -18,7 +18,10 @@ import pytest
 ROOT = pathlib.Path(__file__).parent.parent
 TINY = f"{ROOT}/configs/coco_panoptic.py:runlocal"
 TOTAL = 12
-PQ_AT_STEP_8 = None  # measured below; pinned
+# Measured (deterministic): 8 steps of the runlocal model recognise no segment yet. The pin is weak on
+# its own; the id mapping through the evaluators' real loop is tested with ground-truth predictions
+# (test_cli.test_evaluators_score_ground_truth_as_prediction), and pq_compute must agree below.
+PQ_AT_STEP_8 = 0.0
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +175,6 @@ def test_evaluate_and_predict_clis(env, baseline, tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   row = json.loads(r.stdout.strip().splitlines()[-1])
   assert row["step"] == 8 and row["eval"] == "val" and row["num_images"] == 6
-  # The run is deterministic: a change to the model, the loop, inference or the id mapping moves this.
   assert row["pq"] == pytest.approx(PQ_AT_STEP_8, abs=0.05), row
 
   images = sorted(str(p) for p in (pathlib.Path(env["data"]) / "val2017").glob("*.jpg"))[:3]
