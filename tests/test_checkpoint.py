@@ -54,7 +54,7 @@ def test_keeps_last_k_and_best(tmp_path):
   mgr = checkpoint.make_manager(tmp_path, keep=2)
   pqs = {1: 10.0, 2: 40.0, 3: 20.0, 4: None, 5: 5.0, 6: None}
   for s, pq in pqs.items():
-    checkpoint.save(mgr, s, toy_state(s), metrics=None if pq is None else {"pq": pq})
+    checkpoint.save(mgr, s, toy_state(s), metrics=None if pq is None else {"val/pq": pq})
   mgr.wait_until_finished()
   mgr.reload()
   assert sorted(mgr.all_steps()) == [2, 5, 6]  # last two + the best (step 2, PQ 40)

@@ -261,7 +261,7 @@ def test_empty_image_in_eval_has_no_targets(tmp_path):
 
 
 def test_bad_input_policy_rejects_unknown_mode(hand_root):
-  with pytest.raises(ValueError, match="'skip' or 'raise'"):
+  with pytest.raises(ValueError, match="data.bad_input='ignore' is not one of"):
     CocoPanopticSource(hand_root, "val2017", bad_input="ignore")
 
 

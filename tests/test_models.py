@@ -161,9 +161,12 @@ def test_bad_image_shapes_fail_clearly():
     ("resnet_depth", 152, "resnet_depth"), ("backbone_norm", "sync_bn", "backbone_norm"),
     ("pixel_decoder", "msdeform", "pixel_decoder"), ("dtype", "float16", "dtype"),
     ("conv_dim", 48, "conv_dim"), ("num_heads", 5, "hidden_dim"), ("backbone", "swin", "backbone")])
-def test_build_model_rejects_bad_config(key, value, match):
-  with pytest.raises(ValueError, match=match):
-    build_model(tiny(**{key: value}))
+def test_validate_rejects_bad_model_config(key, value, match):
+  """Model mistakes are caught by config.validate, before anything is built or traced."""
+  c = load_config("coco_panoptic", "runlocal")
+  c.model[key] = value
+  with pytest.raises(ValueError, match=f"config.model.{match}"):
+    config_lib.validate(c, num_devices=8, num_processes=1)
 
 
 def test_normalize_image():

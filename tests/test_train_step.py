@@ -84,12 +84,15 @@ def test_make_mesh_and_batch_errors_say_what_to_change():
   c.mesh.model, c.mesh.data = 2, 3
   with pytest.raises(ValueError, match="data"):
     sharding.make_mesh(c.mesh)
+  from maskformer_jax import config as config_lib  # the batch over the mesh: checked once, up front
+  c = make_config()
+  c.batch_size = 12
   with pytest.raises(ValueError, match="multiple of 8"):
-    sharding.mesh_shape(mesh.shape, 8)
+    config_lib.validate(c, num_devices=8, num_processes=1)
   c = make_config()
   c.grad_accum_steps = 2  # micro-batch 4 on 8 data shards
-  with pytest.raises(ValueError, match="micro-batch"):
-    train_step.make_train_step(c, MODEL, mesh)
+  with pytest.raises(ValueError, match="per micro-batch 4"):
+    config_lib.validate(c, num_devices=8, num_processes=1)
 
 
 def test_partition_rules():
