@@ -277,6 +277,7 @@ def validate(config, *, num_devices: int, num_processes: int):
   except ValueError as e:
     errors.append(str(e))
     data_axis = model_axis = None
+  errors += sharding.rules_errors(config.mesh.partition_rules)
   accum = max(int(config.grad_accum_steps), 1)
   if config.batch_size % accum:
     errors.append(f"config.batch_size={config.batch_size} is not divisible by "

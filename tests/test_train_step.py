@@ -38,9 +38,9 @@ def assert_trees_close(a, b, atol, what):
 
 
 @functools.cache
-def mesh_of(ndev, fsdp=False, model=1):
+def mesh_of(ndev, fsdp=False, model=1, rules=()):
   c = make_config()
-  c.mesh.fsdp, c.mesh.model = fsdp, model
+  c.mesh.fsdp, c.mesh.model, c.mesh.partition_rules = fsdp, model, rules
   return c, sharding.make_mesh(c.mesh, jax.devices()[:ndev])
 
 
@@ -56,8 +56,8 @@ def compile_step(step, state, batch):
 
 
 @functools.cache
-def compiled_step(ndev, fsdp=False, accum=1, model=1):
-  c, mesh = mesh_of(ndev, fsdp, model)
+def compiled_step(ndev, fsdp=False, accum=1, model=1, rules=()):
+  c, mesh = mesh_of(ndev, fsdp, model, rules)
   c = c.copy_and_resolve_references()
   c.grad_accum_steps = accum
   state = from_host(initial_state(), c, MODEL, mesh)
@@ -66,8 +66,8 @@ def compiled_step(ndev, fsdp=False, accum=1, model=1):
 
 
 @functools.cache
-def one_step(ndev, fsdp=False, accum=1, model=1):
-  c, mesh, step = compiled_step(ndev, fsdp, accum, model)
+def one_step(ndev, fsdp=False, accum=1, model=1, rules=()):
+  c, mesh, step = compiled_step(ndev, fsdp, accum, model, rules)
   state, metrics = step(from_host(initial_state(), c, MODEL, mesh), train_step.shard_batch(BATCH, mesh))
   return to_host(state), jax.device_get(metrics), state
 
@@ -110,15 +110,63 @@ def test_partition_rules():
   assert sharding.param_spec((96, 257), data_only, fsdp=False) == P(None, None)
 
 
+DECODER_RULES = ((r"^transformer_decoder/.*/(q|k|v)_proj/kernel$", (None, "model")),
+                 (r"^class_embed/kernel$", ("model", None)))
+
+
+def test_regex_partition_rules_override_the_shape_rule_for_params_and_their_moments():
+  c = make_config()
+  c.mesh.model, c.mesh.fsdp = 2, True
+  c.mesh.partition_rules = DECODER_RULES
+  mesh = sharding.make_mesh(c.mesh)
+  sh = train_step.state_shardings(c, MODEL, mesh)
+  q = ("transformer_decoder", "layer_0", "cross_attn", "q_proj", "kernel")
+  get = lambda tree, path: functools.reduce(lambda t, k: t[k], path, tree)  # noqa: E731
+  adam = sh["opt_state"][1]
+  for tree in (sh["params"], adam.mu, adam.nu):  # the parameter and both AdamW moments
+    assert get(tree, q).spec == P(None, "model")  # 32x32: the shape rule alone would replicate it
+    assert get(tree, ("class_embed", "kernel")).spec == P("model", None)
+    # Unmatched arrays keep the shape rule (FSDP over 'data' and 'model' for this 3x3x128x128 kernel).
+    conv = get(tree, ("backbone", "res5_1", "conv2", "kernel"))
+    assert conv.spec == sharding.param_spec((3, 3, 128, 128), mesh, fsdp=True) != P()
+  assert sh["step"].spec == P()
+  c.mesh.partition_rules = ()
+  plain = train_step.state_shardings(c, MODEL, mesh)
+  assert get(plain["params"], q).spec == P(None, None)
+
+
+def test_partition_rule_mistakes_are_named():
+  from maskformer_jax import config as config_lib
+  c = make_config()
+  c.mesh.partition_rules = (("(unclosed", (None,)), (r"kernel$", ("data", "tensor")), ("x", "model"))
+  with pytest.raises(ValueError) as e:
+    config_lib.validate(c, num_devices=8, num_processes=1)
+  for text in ("partition_rules[0]", "not a regular expression", "partition_rules[1]", "'tensor' is not a "
+               "mesh axis", "partition_rules[2]", "spec must be a tuple"):
+    assert text in str(e.value)
+  c.mesh.model = 2
+  mesh = sharding.make_mesh(c.mesh)
+  c.mesh.partition_rules = ((r"^nothing/here$", (None,)),)
+  with pytest.raises(ValueError, match=r"partition_rules\[0\] pattern '\^nothing/here\$' matches no array"):
+    train_step.state_shardings(c, MODEL, mesh)
+  c.mesh.partition_rules = ((r"^class_embed/kernel$", (None, "data")),)  # 5 classes + no-object over 4
+  with pytest.raises(ValueError, match=r"class_embed/kernel' of shape \(32, 6\).*size 6 does not divide"):
+    train_step.state_shardings(c, MODEL, mesh)
+  c.mesh.partition_rules = ((r"^class_embed/bias$", (None, "model")),)
+  with pytest.raises(ValueError, match="2 entries for 1 axes"):
+    train_step.state_shardings(c, MODEL, mesh)
+
+
 @pytest.mark.slow
 def test_one_step_same_on_1_and_8_devices_with_and_without_fsdp():
   """Loss, gradients (AdamW's first moment is (1 - b1) * the clipped gradient) and updated
-  parameters of one step agree to 1e-5 whatever the mesh (8 x 1 replicated, 8 x 1 FSDP, and
-  4 data x 2 model with FSDP), and FSDP / the model axis really shard."""
+  parameters of one step agree to 1e-5 whatever the mesh (8 x 1 replicated, 8 x 1 FSDP, 4 data x 2
+  model with FSDP, and 4 x 2 with regex partition rules), and FSDP / the model axis / the rules
+  really shard."""
   ref, ref_metrics, _ = one_step(1)
   assert np.isfinite(ref_metrics["loss"][0]) and ref_metrics["skipped"][0] == 0
-  for fsdp, model in ((False, 1), (True, 1), (True, 2)):
-    state, metrics, device_state = one_step(8, fsdp, 1, model)
+  for fsdp, model, rules in ((False, 1, ()), (True, 1, ()), (True, 2, ()), (False, 2, DECODER_RULES)):
+    state, metrics, device_state = one_step(8, fsdp, 1, model, rules)
     for k in ("loss", "loss_ce", "loss_mask", "loss_dice", "loss_ce_0", "grad_norm"):
       np.testing.assert_allclose(metrics[k][0], ref_metrics[k][0], rtol=1e-5, err_msg=k)
     mu = lambda s: s["opt_state"][1].mu  # noqa: E731  chain state: (clip, adam, ...)
@@ -129,6 +177,9 @@ def test_one_step_same_on_1_and_8_devices_with_and_without_fsdp():
     assert any("model" in spec for spec in specs) == (model > 1), specs
     if fsdp:
       assert any("data" in leaf.sharding.spec for leaf in jax.tree.leaves(mu(device_state)))
+    if rules:
+      q = device_state["params"]["transformer_decoder"]["layer_1"]["self_attn"]["k_proj"]["kernel"]
+      assert q.sharding.spec == P(None, "model")
 
 
 @pytest.mark.slow
