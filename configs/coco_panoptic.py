@@ -1,17 +1,29 @@
-"""MaskFormer "+6 Enc" on COCO panoptic (133 classes): the original recipe, PQ 46.5 (R50) / 47.6 (R101)
-published (docs/reference.md section 5).
+"""MaskFormer on COCO panoptic (133 classes), the original recipes; the PQ each targets is the published
+one (docs/reference.md section 5).
 
-  --config configs/coco_panoptic.py                  R50
-  --config configs/coco_panoptic.py:backbone=r101    R101
-  --config configs/coco_panoptic.py:runlocal         the same code paths at toy size (tests)
+  --config configs/coco_panoptic.py                    R50 "+6 Enc"       PQ 46.5
+  --config configs/coco_panoptic.py:backbone=r101      R101 "+6 Enc"      PQ 47.6
+  --config configs/coco_panoptic.py:backbone=swin_t    Swin-T (IN-1K)     PQ 47.7
+  --config configs/coco_panoptic.py:backbone=swin_s    Swin-S (IN-1K)     PQ 49.7
+  --config configs/coco_panoptic.py:backbone=swin_b    Swin-B (IN-22K)    PQ 51.8
+  --config configs/coco_panoptic.py:backbone=swin_l    Swin-L (IN-22K)    PQ 52.7
+  --config configs/coco_panoptic.py:runlocal           the same code paths at toy size (tests);
+                                                       also e.g. :backbone=swin_t,runlocal
+
+Swin models use the FPN pixel decoder with the decoder reading res5 through an enforced projection, and
+Swin's optimiser recipe (config.finish). Not yet as the original: Swin-L trains with longest side <= 1000
+(here the DETR recipe's 1333).
 
 maskformer_jax/config.py's defaults are this recipe (batch 64, 554,400 steps, x0.1 at 369,600, the DETR
 augmentation at a 1344 canvas, PQ evaluation); this file states only what differs.
 """
-from maskformer_jax.config import family, runlocal
+from maskformer_jax.config import family, finish
 
 
 def get_config(arg=None):
   c, a = family(arg, "configs/coco_panoptic.py")
-  c.model.pixel_decoder = "transformer_encoder"
-  return runlocal(c) if a.runlocal else c
+  if c.model.backbone == "swin":  # the original's Swin models: FPN, the decoder reads res5 projected
+    c.model.pixel_decoder, c.model.enforce_input_proj = "base", True
+  else:
+    c.model.pixel_decoder = "transformer_encoder"
+  return finish(c, a)

@@ -22,6 +22,7 @@ from maskformer_jax.evaluation import common as evaluation
 from maskformer_jax.models import DTYPES
 from maskformer_jax.models.backbone import BACKBONES, NORMS, RESNET_STAGES
 from maskformer_jax.models.pixel_decoder import PIXEL_DECODERS
+from maskformer_jax.models.swin import SWIN_VARIANTS
 
 
 def load_config(path) -> ml_collections.ConfigDict:
@@ -73,10 +74,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.grad_accum_steps = 1  # micro-batches per step; each is batch_size // grad_accum_steps
 
   c.model = m = ml_collections.ConfigDict()
-  m.backbone = "resnet"  # "resnet" (detectron2 layout)
+  m.backbone = "resnet"  # "resnet" (detectron2 layout) or "swin" (models/swin.py)
   m.resnet_depth = 50  # 18/34 (basic blocks, tests only), 50, 101
   m.resnet_width = 64  # stem width; res2 has 4*width channels for bottleneck nets
-  m.backbone_norm = "frozen_bn"  # "frozen_bn" (original) or "bn" (trainable BatchNorm)
+  m.backbone_norm = "frozen_bn"  # "frozen_bn" (original) or "bn" (trainable BatchNorm); ResNet only
+  # Swin (backbone "swin"; Swin-T here, the families set the published variants: models/swin.py).
+  m.swin_embed_dim = 96
+  m.swin_depths = (2, 2, 6, 2)
+  m.swin_num_heads = (3, 6, 12, 24)
+  m.swin_window_size = 7
+  m.drop_path_rate = 0.3  # Swin's stochastic depth, growing linearly to this over the blocks
   m.pixel_decoder = "base"  # "base" (FPN) or "transformer_encoder" ("+6 Enc")
   m.conv_dim = 256
   m.mask_dim = 256
@@ -189,18 +196,34 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-RESNET_BACKBONES = {"r50": 50, "r101": 101}  # a family's backbone=... argument
+RESNET_BACKBONES = {"r50": 50, "r101": 101}  # a family's backbone=... argument, with SWIN_VARIANTS' keys
 
 
 def family(arg, where):
-  """(base_config with the backbone of `arg` set, parsed arg) for a family "backbone=r101,runlocal";
-  finish with `runlocal(c)` when arg.runlocal, after the family's own changes."""
+  """(base_config with the backbone of `arg` set, parsed arg) for a family "backbone=swin_t,runlocal";
+  after the family's own changes, `finish(c, arg)` applies the Swin recipe and the runlocal variant."""
   a = parse_arg(arg, backbone="r50", runlocal=False)
-  if a.backbone not in RESNET_BACKBONES:
-    raise ValueError(f"{where}: backbone={a.backbone!r} is not one of {sorted(RESNET_BACKBONES)}.")
   c = base_config()
-  c.model.resnet_depth = RESNET_BACKBONES[a.backbone]
+  if a.backbone in RESNET_BACKBONES:
+    c.model.resnet_depth = RESNET_BACKBONES[a.backbone]
+  elif a.backbone in SWIN_VARIANTS:
+    c.model.backbone = "swin"
+    c.model.update(SWIN_VARIANTS[a.backbone])
+  else:
+    raise ValueError(f"{where}: backbone={a.backbone!r} is not one of "
+                     f"{sorted(RESNET_BACKBONES) + sorted(SWIN_VARIANTS)}.")
   return c, a
+
+
+def finish(c, a) -> ml_collections.ConfigDict:
+  """The end of every family: Swin's optimiser recipe (all the original's Swin configs: AdamW 6e-5,
+  weight decay 0.01, no backbone LR multiplier, 1500 linear warm-up steps from 1e-6 of the LR; no decay on
+  norms and relative position tables, as for every model here), then `runlocal` if asked for."""
+  if c.model.backbone == "swin":
+    o = c.optim
+    o.base_lr, o.weight_decay, o.backbone_multiplier = 6e-5, 0.01, 1.0
+    o.warmup_steps, o.warmup_factor = 1500, 1e-6
+  return runlocal(c) if a.runlocal else c
 
 
 def runlocal(c) -> ml_collections.ConfigDict:
@@ -213,6 +236,7 @@ def runlocal(c) -> ml_collections.ConfigDict:
   c.total_steps = 20
   m = c.model
   m.resnet_depth, m.resnet_width, m.backbone_norm = 18, 16, "bn"
+  m.swin_embed_dim, m.swin_depths, m.swin_num_heads, m.swin_window_size = 16, (2, 2, 2, 2), (1, 1, 2, 2), 7
   m.conv_dim = m.mask_dim = m.hidden_dim = 32
   m.num_queries, m.num_heads, m.dim_feedforward, m.dec_layers, m.pixel_encoder_layers = 8, 4, 64, 2, 1
   if c.data.dataset == "coco_panoptic":
@@ -308,6 +332,17 @@ def validate(config, *, num_devices: int, num_processes: int):
 
 def _model_errors(m):
   errors = []
+  if m.backbone == "swin":
+    depths, heads = tuple(m.swin_depths), tuple(m.swin_num_heads)
+    if len(depths) != 4 or len(heads) != 4 or min(depths + heads) < 1:
+      errors.append(f"config.model.swin_depths={depths} and swin_num_heads={heads} must be 4 positive "
+                    "numbers each (stages res2..res5).")
+    elif any((m.swin_embed_dim * 2 ** s) % h for s, h in enumerate(heads)):
+      errors.append(f"config.model.swin_embed_dim={m.swin_embed_dim} x 2^stage must be divisible by "
+                    f"swin_num_heads={heads} in every stage.")
+    if m.swin_window_size < 1 or not 0.0 <= m.drop_path_rate < 1.0:
+      errors.append(f"config.model.swin_window_size={m.swin_window_size} must be >= 1 and drop_path_rate="
+                    f"{m.drop_path_rate} in [0, 1).")
   if m.backbone == "resnet" and m.resnet_depth not in RESNET_STAGES:
     errors.append(f"config.model.resnet_depth={m.resnet_depth} is not one of {sorted(RESNET_STAGES)}.")
   if m.conv_dim % 32:

@@ -43,7 +43,7 @@ def test_valid_config_passes():
     ({("train", "best_metric"): "test/pq"}, 1, 1, "names no evaluator"),
     ({("train", "best_metric"): "val/miou"}, 1, 1, "panoptic evaluators report pq, sq"),
     ({("data", "dataset"): "ade20k"}, 1, 1, "the ade20k source has semantic labels only"),
-    ({("model", "backbone"): "swin"}, 1, 1, "config.model.backbone='swin' is not one of ['resnet']"),
+    ({("model", "backbone"): "vit"}, 1, 1, "config.model.backbone='vit' is not one of ['resnet', 'swin']"),
     ({("model", "resnet_depth"): 152}, 1, 1, "config.model.resnet_depth=152 is not one of"),
     ({("data", "recipe"): "lsjj"}, 1, 1, "config.data.recipe='lsjj' is not one of"),
     ({("loss", "matcher"): "greedy"}, 1, 1, "config.loss.matcher='greedy' is not one of"),

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 import torch
-from transformers import DetrConfig, MaskFormerConfig, MaskFormerForInstanceSegmentation, ResNetConfig
+from transformers import (DetrConfig, MaskFormerConfig, MaskFormerForInstanceSegmentation, ResNetConfig,
+                          SwinConfig)
 from transformers.models.detr.modeling_detr import DetrEncoderLayer
 from transformers.models.maskformer.modeling_maskformer import (MaskFormerPixelDecoder,
                                                                 MaskFormerSinePositionEmbedding,
@@ -53,6 +54,26 @@ def make_hf(depth=50, width=8, hidden=32, heads=4, ffn=64, layers=2, queries=5, 
                                 decoder_attention_heads=heads, num_queries=queries, encoder_layers=1),
       num_labels=labels, fpn_feature_size=conv_dim, mask_feature_size=mask_dim)
   return randomize_norms_(MaskFormerForInstanceSegmentation(cfg).eval(), seed)
+
+
+def make_hf_swin(embed=32, depths=(2, 2, 2, 2), swin_heads=(2, 2, 4, 4), window=7, hidden=32, heads=4, ffn=64,
+                 layers=2, queries=5, labels=3, conv_dim=32, mask_dim=32, seed=0):
+  """An HF MaskFormer with a Swin backbone (HF turns the SwinConfig into its MaskFormerSwin, which
+  keeps the original's padding and shifts); relative position tables randomised (HF zeroes them)."""
+  torch.manual_seed(seed)
+  cfg = MaskFormerConfig(
+      backbone_config=SwinConfig(embed_dim=embed, depths=list(depths), num_heads=list(swin_heads),
+                                 window_size=window, drop_path_rate=0.0,
+                                 out_features=["stage1", "stage2", "stage3", "stage4"]),
+      decoder_config=DetrConfig(d_model=hidden, decoder_layers=layers, decoder_ffn_dim=ffn,
+                                decoder_attention_heads=heads, num_queries=queries, encoder_layers=1),
+      num_labels=labels, fpn_feature_size=conv_dim, mask_feature_size=mask_dim)
+  hf = MaskFormerForInstanceSegmentation(cfg).eval()
+  with torch.no_grad():
+    for name, p in hf.named_parameters():
+      if name.endswith("relative_position_bias_table"):
+        p.copy_(torch.randn(p.shape))
+  return randomize_norms_(hf, seed)
 
 
 def images(b, h, w, seed=0):
@@ -104,18 +125,24 @@ PARITY_CASES = {
     # res5 has hidden_dim channels: no input projection in HF or ours.
     "r34-basic-noproj-q7-k20": (dict(depth=34, width=8, hidden=64, heads=4, layers=4, queries=7, labels=20,
                                      mask_dim=16, seed=3), (1, 64, 128)),
+    # Swin: sides multiples of 32 but not of 32 x window, so every stage pads to its windows.
+    "swin-w7-e32-96x160": (dict(embed=32, depths=(2, 2, 2, 2), swin_heads=(2, 2, 4, 4), window=7, seed=4),
+                           (2, 96, 160)),
+    "swin-w12-e24-d1212-64x224": (dict(embed=24, depths=(1, 2, 1, 2), swin_heads=(1, 2, 3, 4), window=12,
+                                       hidden=64, heads=8, layers=3, queries=10, labels=7, seed=5),
+                                  (1, 64, 224)),
 }
 
 
 @pytest.mark.parametrize("name", list(PARITY_CASES))
 def test_hf_parity(name):
   kwargs, (b, h, w) = PARITY_CASES[name]
-  hf = make_hf(**kwargs)
+  hf = (make_hf_swin if name.startswith("swin") else make_hf)(**kwargs)
   module, variables = from_hf(hf)
   x = images(b, h, w, seed=len(name))
   out = run(module, variables, x)
   ref = hf_forward(hf, x)
-  k, q = kwargs["labels"], kwargs["queries"]
+  k, q = kwargs.get("labels", 3), kwargs.get("queries", 5)
   assert out["pred_logits"].shape == (b, q, k + 1) and out["pred_logits"].dtype == np.float32
   assert out["pred_masks"].shape == (b, q, h // 4, w // 4) and out["pred_masks"].dtype == np.float32
   assert maxdiff(out["pred_logits"], ref.class_queries_logits) <= TOL
@@ -129,7 +156,7 @@ def test_hf_parity(name):
                         output_hidden_states=True)
     aux = hf_aux_original(hf, ref64)
   hf.float()
-  assert len(out["aux_outputs"]) == kwargs["layers"] - 1 == len(aux)
+  assert len(out["aux_outputs"]) == kwargs.get("layers", 2) - 1 == len(aux)
   for ours, (logits, masks) in zip(out["aux_outputs"], aux):
     for mine, truth in ((ours["pred_logits"], logits), (ours["pred_masks"], masks)):
       truth = np.asarray(truth)
@@ -239,6 +266,29 @@ def test_save_pretrained_dir_and_cli_roundtrip(tmp_path):
   out2 = run(build_model(cfg), loaded, x)
   assert maxdiff(out2["pred_logits"], ref.class_queries_logits) <= TOL
   assert set(loaded) == {"params", "batch_stats"}
+
+
+def test_swin_conversion_saved_and_loaded(tmp_path):
+  from maskformer_jax.convert import save_converted
+  hf = make_hf_swin(embed=16, depths=(2, 1, 1, 2), swin_heads=(1, 2, 2, 4), window=7, queries=4, labels=2)
+  module, variables = from_hf(hf)
+  cfg = {k: getattr(module, k) for k in ("backbone", "swin_embed_dim", "swin_depths", "swin_num_heads",
+                                         "swin_window_size")}
+  assert cfg == {"backbone": "swin", "swin_embed_dim": 16, "swin_depths": (2, 1, 1, 2),
+                 "swin_num_heads": (1, 2, 2, 4), "swin_window_size": 7}
+  from maskformer_jax.convert.hf import model_config_from_hf
+  save_converted(tmp_path / "ckpt", model_config_from_hf(hf.config), variables, source="test")
+  loaded_cfg, loaded = load_converted(tmp_path / "ckpt")
+  x = images(1, 64, 96)
+  out = run(build_model(loaded_cfg), loaded, x)  # JSON lists back to the model's tuples
+  assert maxdiff(out["pred_masks"], hf_forward(hf, x).masks_queries_logits) <= TOL
+
+
+def test_hf_swin_we_cannot_express_is_refused():
+  hf = make_hf_swin(embed=16, depths=(1, 1, 1, 1), swin_heads=(1, 1, 1, 1))
+  hf.config.backbone_config.use_absolute_embeddings = True
+  with pytest.raises(ValueError, match="use_absolute_embeddings"):
+    from_hf(hf)
 
 
 def test_bad_state_dict_names_the_keys():
@@ -396,6 +446,32 @@ def test_r50_ade20k_parameter_count_matches_hf_and_paper():
   mcfg.pixel_decoder = "transformer_encoder"
   plus6 = _count(abstract_variables(build_model(mcfg)))
   assert math.isclose(plus6, 45e6, rel_tol=0.03), plus6
+
+
+@pytest.mark.parametrize("variant", ["swin_t", "swin_l"])
+def test_swin_coco_parameter_count_matches_hf(variant):
+  """The published COCO Swin models (configs/coco_panoptic.py:backbone=...) against HF's MaskFormer with
+  the same Swin: equal, less the final LayerNorm HF's Swin carries and MaskFormer never uses; Swin-T ~42M
+  and Swin-L ~212M as published (docs/reference.md section 1)."""
+  import pathlib
+  from maskformer_jax.config import load_config
+  from maskformer_jax.models.swin import SWIN_VARIANTS
+  mcfg = load_config(pathlib.Path(__file__).parent.parent / "configs" / f"coco_panoptic.py:backbone={variant}").model
+  ours = _count(abstract_variables(build_model(mcfg)))
+  v = SWIN_VARIANTS[variant]
+  with torch.device("meta"):  # shapes only: Swin-L's 212M parameters are never allocated
+    hf = MaskFormerForInstanceSegmentation(MaskFormerConfig(
+        backbone_config=SwinConfig(embed_dim=v["swin_embed_dim"], depths=list(v["swin_depths"]),
+                                   num_heads=list(v["swin_num_heads"]), window_size=v["swin_window_size"],
+                                   out_features=["stage1", "stage2", "stage3", "stage4"]),
+        decoder_config=DetrConfig(num_queries=100), num_labels=133))
+  unused = sum(p.numel() for n, p in hf.named_parameters() if HF_IGNORED.search(n))
+  theirs = sum(p.numel() for p in hf.parameters()) - unused
+  assert unused == 2 * 8 * v["swin_embed_dim"]  # the one LayerNorm over the last stage's 8C channels
+  # HF has no enforced input projection (docs/reference.md section 6): res5 has 8C != 256 channels, so
+  # both models project anyway.
+  assert ours == theirs, (ours, theirs)
+  assert math.isclose(ours, {"swin_t": 42e6, "swin_l": 212e6}[variant], rel_tol=0.03), ours
 
 
 @pytest.mark.slow

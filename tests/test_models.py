@@ -160,10 +160,12 @@ def test_bad_image_shapes_fail_clearly():
 @pytest.mark.parametrize("key,value,match", [
     ("resnet_depth", 152, "resnet_depth"), ("backbone_norm", "sync_bn", "backbone_norm"),
     ("pixel_decoder", "msdeform", "pixel_decoder"), ("dtype", "float16", "dtype"),
-    ("conv_dim", 48, "conv_dim"), ("num_heads", 5, "hidden_dim"), ("backbone", "swin", "backbone")])
+    ("conv_dim", 48, "conv_dim"), ("num_heads", 5, "hidden_dim"), ("backbone", "vit", "backbone"),
+    ("swin_num_heads", (1, 1, 2), "swin_depths"), ("swin_num_heads", (1, 3, 2, 2), "swin_embed_dim"),
+    ("swin_window_size", 0, "swin_window_size")])
 def test_validate_rejects_bad_model_config(key, value, match):
   """Model mistakes are caught by config.validate, before anything is built or traced."""
-  c = load_config("coco_panoptic", "runlocal")
+  c = load_config("coco_panoptic", "backbone=swin_t,runlocal" if key.startswith("swin") else "runlocal")
   c.model[key] = value
   with pytest.raises(ValueError, match=f"config.model.{match}"):
     config_lib.validate(c, num_devices=8, num_processes=1)

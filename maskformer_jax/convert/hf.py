@@ -1,4 +1,4 @@
-"""Weights from Hugging Face `transformers` MaskFormer (ResNet backbones) into our Flax model.
+"""Weights from Hugging Face `transformers` MaskFormer (ResNet and Swin backbones) into our Flax model.
 
 Every leaf of our model is named in HF's state dict by `hf_key` (a pure function of our path), so the
 mapping is checked in both directions: leaves HF lacks, HF keys we don't use, and shapes that disagree
@@ -16,6 +16,7 @@ this is invisible (same parameters), it matters for:
 - the HF ResNet puts the stride in the 3x3 conv (`downsample_in_bottleneck=False`) like detectron2 and
   torchvision; configs with the stride elsewhere are refused rather than silently mis-converted.
 """
+import dataclasses
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maskformer_jax.models import MODEL_KEYS, build_model, stage_channels
+from maskformer_jax.models import MODEL_KEYS, MaskFormer, build_model, stage_channels
 from maskformer_jax.models.backbone import RESNET_STAGES
 
 _BN = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
@@ -36,8 +37,9 @@ _DEC_LAYER = {"self_attn_norm": "self_attn_layer_norm", "cross_attn_norm": "enco
 _FPN = {"res5_output": "fpn.stem", "res4_lateral": "fpn.layers.0.proj", "res4_output": "fpn.layers.0.block",
         "res3_lateral": "fpn.layers.1.proj", "res3_output": "fpn.layers.1.block",
         "res2_lateral": "fpn.layers.2.proj", "res2_output": "fpn.layers.2.block"}
-# Keys that carry no model weights.
-HF_IGNORED = re.compile(r"(num_batches_tracked$|^criterion\.)")
+# Keys that carry no model weights (HF's Swin also has a final LayerNorm that MaskFormer never uses).
+HF_IGNORED = re.compile(r"(num_batches_tracked$|^criterion\.|relative_position_index$"
+                        r"|^model\.pixel_level_module\.encoder\.model\.layernorm\.)")
 
 
 def _leaf(kind: str, leaf: str, key: str):
@@ -63,6 +65,47 @@ def _resnet_key(path, prefix):
       base + f"layer.{j}.normalization.{_BN[leaf]}", "")
 
 
+_SWIN_BLOCK = {"norm1": "layernorm_before.", "norm2": "layernorm_after.", "proj": "attention.output.dense.",
+               "qkv": "attention.self.qkv.", "fc1": "intermediate.dense.", "fc2": "output.dense."}
+
+
+def _swin_key(path, prefix):
+  """Our Swin backbone path -> HF MaskFormerSwinBackbone key under `prefix`. HF keeps q, k and v apart;
+  `pack_qkv` first writes them as the one `attention.self.qkv` entry the original (and we) have."""
+  mod, *rest = path
+  if mod == "patch_embed":
+    sub, leaf = rest
+    base = prefix + "model.embeddings."
+    return _leaf("conv", leaf, base + "patch_embeddings.projection.") if sub == "proj" else (
+        base + "norm." + _LN[leaf], "")
+  if mod.startswith("norm"):
+    return f"{prefix}hidden_states_norms.{mod[4:]}.{_LN[rest[0]]}", ""
+  base = f"{prefix}model.encoder.layers.{mod.split('_')[1]}."
+  sub, *rest = rest
+  if sub == "downsample":
+    part, leaf = rest
+    return (base + "downsample.norm." + _LN[leaf], "") if part == "norm" else _leaf(
+        "linear", leaf, base + "downsample.reduction.")
+  base += f"blocks.{sub.split('_')[1]}."
+  part, *rest = rest
+  if part == "attn" and rest[0] == "relative_position_bias_table":
+    return base + "attention.self.relative_position_bias_table", ""
+  if part in ("attn", "mlp"):
+    part, *rest = rest
+  if part.startswith("norm"):
+    return base + _SWIN_BLOCK[part] + _LN[rest[0]], ""
+  return _leaf("linear", rest[0], base + _SWIN_BLOCK[part])
+
+
+def pack_qkv(state_dict: Mapping) -> dict:
+  """HF's separate attention.self.{query,key,value} -> one attention.self.qkv ([3C, C] rows q, k, v)."""
+  out = dict(state_dict)
+  for key in [k for k in state_dict if re.search(r"attention\.self\.query\.(weight|bias)$", k)]:
+    parts = [out.pop(key.replace(".query.", f".{n}.")) for n in ("query", "key", "value")]
+    out[key.replace(".query.", ".qkv.")] = np.concatenate([_to_numpy(p) for p in parts], 0)
+  return out
+
+
 def _attn_layer_key(path, base):
   """Our encoder/decoder layer path -> HF DETR layer key (`base` ends with the layer's dot)."""
   sub, *rest = path
@@ -79,7 +122,8 @@ def hf_key(path: tuple[str, ...]) -> tuple[str, str]:
   """(HF state-dict key, transform) for one of our leaves; transform is 'conv', 'linear' or ''."""
   top, *rest = path
   if top == "backbone":
-    return _resnet_key(rest, "model.pixel_level_module.encoder.")
+    prefix = "model.pixel_level_module.encoder."
+    return _resnet_key(rest, prefix) if rest[0].startswith(("stem", "res")) else _swin_key(rest, prefix)
   if top == "pixel_decoder":
     d = "model.pixel_level_module.decoder."
     mod, *rest = rest
@@ -164,11 +208,42 @@ def convert_state_dict(state_dict: Mapping, template: Mapping, key_fn: Callable,
   return flax.traverse_util.unflatten_dict(out)
 
 
+def _swin_config_from_hf(bb) -> dict:
+  """Our Swin keys for an HF (MaskFormer)SwinConfig; refuses what models/swin.py cannot express."""
+  unsupported = {k: getattr(bb, k) for k, ok in (("patch_size", 4), ("num_channels", 3), ("mlp_ratio", 4.0),
+                                                 ("qkv_bias", True), ("use_absolute_embeddings", False),
+                                                 ("hidden_act", "gelu"), ("layer_norm_eps", 1e-5))
+                 if getattr(bb, k) != ok}
+  if unsupported or len(bb.depths) != 4:
+    raise ValueError(f"HF Swin backbone with {unsupported or {'depths': list(bb.depths)}} is not the "
+                     "original's Swin (patch 4, 3 channels, MLP ratio 4, qkv bias, no absolute position "
+                     "embedding, GELU, LayerNorm eps 1e-5, 4 stages); not supported.")
+  return {"backbone": "swin", "swin_embed_dim": bb.embed_dim, "swin_depths": tuple(bb.depths),
+          "swin_num_heads": tuple(bb.num_heads), "swin_window_size": bb.window_size,
+          "drop_path_rate": float(bb.drop_path_rate)}
+
+
 def model_config_from_hf(hf_config) -> dict:
   """Our `config.model` keys for an HF MaskFormerConfig; refuses what our model cannot express."""
   bb, dec = hf_config.backbone_config, hf_config.decoder_config
+  if list(getattr(bb, "out_features", None) or []) != ["stage1", "stage2", "stage3", "stage4"]:
+    raise ValueError(f"HF backbone out_features={getattr(bb, 'out_features', None)}; MaskFormer needs "
+                     "stage1..stage4.")
+  if dec.activation_function != "relu":
+    raise ValueError("only ReLU activations are supported in the transformer decoder.")
+  head = {
+      "backbone_norm": "frozen_bn", "pixel_decoder": "base", "conv_dim": hf_config.fpn_feature_size,
+      "mask_dim": hf_config.mask_feature_size, "pixel_encoder_layers": 6,
+      "num_queries": dec.num_queries, "hidden_dim": dec.d_model, "num_heads": dec.decoder_attention_heads,
+      "dim_feedforward": dec.decoder_ffn_dim, "dec_layers": dec.decoder_layers, "dropout": float(dec.dropout),
+      "enforce_input_proj": False, "num_classes": hf_config.num_labels, "dtype": "float32",
+  }
+  defaults = {f.name: f.default for f in dataclasses.fields(MaskFormer) if f.name in MODEL_KEYS}
+  if getattr(bb, "model_type", None) in ("swin", "maskformer-swin"):
+    return {**defaults, **head, **_swin_config_from_hf(bb)}
   if getattr(bb, "model_type", None) != "resnet":
-    raise ValueError(f"only ResNet backbones convert; this HF model has {getattr(bb, 'model_type', bb)!r}.")
+    raise ValueError(f"only ResNet and Swin backbones convert; this HF model has "
+                     f"{getattr(bb, 'model_type', bb)!r}.")
   bottleneck = bb.layer_type == "bottleneck"
   depth = next((d for d, (blocks, b) in RESNET_STAGES.items() if tuple(bb.depths) == blocks and b == bottleneck),
                None)
@@ -182,18 +257,9 @@ def model_config_from_hf(hf_config) -> dict:
   if bb.downsample_in_first_stage or (bottleneck and bb.downsample_in_bottleneck):
     raise ValueError("HF ResNet with downsample_in_first_stage/downsample_in_bottleneck has the stride where "
                      "detectron2 does not; not supported.")
-  if bb.hidden_act != "relu" or dec.activation_function != "relu":
-    raise ValueError("only ReLU activations are supported.")
-  if list(getattr(bb, "out_features", [])) != ["stage1", "stage2", "stage3", "stage4"]:
-    raise ValueError(f"HF backbone out_features={bb.out_features}; MaskFormer needs stage1..stage4.")
-  return {
-      "backbone": "resnet", "resnet_depth": depth, "resnet_width": width, "backbone_norm": "frozen_bn",
-      "pixel_decoder": "base", "conv_dim": hf_config.fpn_feature_size,
-      "mask_dim": hf_config.mask_feature_size, "pixel_encoder_layers": 6,
-      "num_queries": dec.num_queries, "hidden_dim": dec.d_model, "num_heads": dec.decoder_attention_heads,
-      "dim_feedforward": dec.decoder_ffn_dim, "dec_layers": dec.decoder_layers, "dropout": float(dec.dropout),
-      "enforce_input_proj": False, "num_classes": hf_config.num_labels, "dtype": "float32",
-  }
+  if bb.hidden_act != "relu":
+    raise ValueError("only ReLU activations are supported in the ResNet.")
+  return {**defaults, **head, "backbone": "resnet", "resnet_depth": depth, "resnet_width": width}
 
 
 def load_hf(hf):
@@ -214,7 +280,7 @@ def from_hf(hf):
   cfg = model_config_from_hf(hf.config)
   assert set(cfg) == set(MODEL_KEYS), sorted(set(MODEL_KEYS) ^ set(cfg))
   module = build_model(cfg)
-  state = {k: v for k, v in hf.state_dict().items()}
+  state = pack_qkv(hf.state_dict())
   variables = convert_state_dict(state, abstract_variables(module), hf_key, ignore=HF_IGNORED,
                                  source="HF MaskFormer state dict")
   return module, variables

@@ -29,6 +29,7 @@ def build_model(model_config: Mapping) -> MaskFormer:
   backbone or pixel decoder also fails here, at the first trace, naming the key.
   """
   cfg = {k: model_config[k] for k in MODEL_KEYS if k in model_config}
+  cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}  # JSON lists (swin_depths)
   if isinstance(cfg.get("dtype"), str):
     cfg["dtype"] = registry.get(DTYPES, cfg["dtype"], "model.dtype")
   return MaskFormer(**cfg)

@@ -152,4 +152,4 @@ def resnet(cfg, dtype, name):
 
 # config.model.backbone -> builder(model fields, compute dtype, scope name) -> a module mapping NHWC
 # images to {'res2': stride 4, ..., 'res5': stride 32}. A new backbone: one file and one entry here.
-BACKBONES = {"resnet": resnet}
+BACKBONES = {"resnet": resnet, "swin": "maskformer_jax.models.swin:swin"}

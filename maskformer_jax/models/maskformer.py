@@ -14,16 +14,17 @@ Variable layout and naming conventions (stable: optimizer rules match on these p
   'frozen_bn': every backbone BN leaf (`scale`, `bias`, `mean`, `var`) is in `batch_stats`, never
   trained. 'bn': `scale`/`bias` in `params`, `mean`/`var` in `batch_stats` (apply with
   `mutable=['batch_stats']` when training).
-- Top-level scopes: `backbone` (everything of the ResNet, so `^backbone/` selects the backbone LR
-  multiplier), `pixel_decoder`, `transformer_decoder`, `class_embed`, `mask_embed`.
+- Top-level scopes: `backbone` (everything of the ResNet or Swin, so `^backbone/` selects the backbone
+  LR multiplier), `pixel_decoder`, `transformer_decoder`, `class_embed`, `mask_embed`.
 - Normalisation layers are the modules named `*bn*` (BatchNorm: `backbone/stem/bn`,
   `backbone/res2_0/bn1`, `.../shortcut_bn`), `gn` (GroupNorm: `pixel_decoder/res4_lateral/gn`) and
   `*norm*` (LayerNorm: `.../self_attn_norm`, `cross_attn_norm`, `ffn_norm`,
-  `transformer_decoder/decoder_norm`); their leaves are `scale` and `bias`. No other module name
+  `transformer_decoder/decoder_norm`; Swin's `norm1`, `norm2`, `patch_embed/norm`, `downsample/norm`,
+  `norm0..3`); their leaves are `scale` and `bias`. No other module name
   contains `bn`, `gn` or `norm`: the regex `(^|/)[^/]*(bn|gn|norm)[^/]*/(scale|bias)$` selects exactly
   the norm parameters.
 - The learned queries are `transformer_decoder/query_embed/embedding` (an embedding: no weight decay
-  in the original).
+  in the original), as are Swin's `relative_position_bias_table`s.
 - Everything else is `kernel` (convs HWIO, dense [in, out]) or `bias`.
 """
 from typing import Any
@@ -67,6 +68,11 @@ class MaskFormer(nn.Module):
   resnet_depth: int = 50
   resnet_width: int = 64
   backbone_norm: str = "frozen_bn"
+  swin_embed_dim: int = 96
+  swin_depths: tuple = (2, 2, 6, 2)
+  swin_num_heads: tuple = (3, 6, 12, 24)
+  swin_window_size: int = 7
+  drop_path_rate: float = 0.3
   pixel_decoder: str = "base"
   conv_dim: int = 256
   mask_dim: int = 256
