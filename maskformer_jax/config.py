@@ -77,6 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.backbone = "resnet"  # "resnet" (detectron2 layout) or "swin" (models/swin.py)
   m.resnet_depth = 50  # 18/34 (basic blocks, tests only), 50, 101
   m.resnet_width = 64  # stem width; res2 has 4*width channels for bottleneck nets
+  m.resnet_blocks = ()  # blocks per stage res2..res5; (): resnet_depth's (e.g. (3, 4, 6, 3) for 50)
+  m.resnet_channels = ()  # output channels of res2..res5; (): resnet_depth's at resnet_width
   m.backbone_norm = "frozen_bn"  # "frozen_bn" (original) or "bn" (trainable BatchNorm); ResNet only
   # Swin (backbone "swin"; Swin-T here, the families set the published variants: models/swin.py).
   m.swin_embed_dim = 96
@@ -345,6 +347,14 @@ def _model_errors(m):
                     f"{m.drop_path_rate} in [0, 1).")
   if m.backbone == "resnet" and m.resnet_depth not in RESNET_STAGES:
     errors.append(f"config.model.resnet_depth={m.resnet_depth} is not one of {sorted(RESNET_STAGES)}.")
+  for key in ("resnet_blocks", "resnet_channels"):
+    value = tuple(m[key])
+    if value and (len(value) != 4 or min(value) < 1):
+      errors.append(f"config.model.{key}={value} must be () (resnet_depth's) or 4 positive numbers.")
+  bottleneck = RESNET_STAGES.get(m.resnet_depth, ((), False))[1]
+  if bottleneck and any(c % 4 for c in m.resnet_channels):
+    errors.append(f"config.model.resnet_channels={tuple(m.resnet_channels)} must be multiples of 4 for "
+                  f"bottleneck blocks (resnet_depth={m.resnet_depth}: a bottleneck is channels / 4 wide).")
   if m.conv_dim % 32:
     errors.append(f"config.model.conv_dim={m.conv_dim} must be a multiple of 32 (GroupNorm(32)).")
   if m.num_heads < 1 or m.hidden_dim % 2 or m.hidden_dim % m.num_heads or m.conv_dim % m.num_heads:

@@ -43,12 +43,14 @@ def randomize_norms_(model: torch.nn.Module, seed: int = 0):
 
 
 def make_hf(depth=50, width=8, hidden=32, heads=4, ffn=64, layers=2, queries=5, labels=3, conv_dim=32,
-            mask_dim=32, seed=0):
+            mask_dim=32, seed=0, blocks=None, channels=None):
+  """`depth` gives the block type and, unless `blocks` / `channels` say otherwise, the stages."""
   torch.manual_seed(seed)
-  blocks, bottleneck = RESNET_STAGES[depth]
+  standard, bottleneck = RESNET_STAGES[depth]
   cfg = MaskFormerConfig(
-      backbone_config=ResNetConfig(embedding_size=width, hidden_sizes=list(stage_channels(depth, width)),
-                                   depths=list(blocks), layer_type="bottleneck" if bottleneck else "basic",
+      backbone_config=ResNetConfig(embedding_size=width,
+                                   hidden_sizes=list(channels or stage_channels(depth, width)),
+                                   depths=list(blocks or standard), layer_type="bottleneck" if bottleneck else "basic",
                                    out_features=["stage1", "stage2", "stage3", "stage4"]),
       decoder_config=DetrConfig(d_model=hidden, decoder_layers=layers, decoder_ffn_dim=ffn,
                                 decoder_attention_heads=heads, num_queries=queries, encoder_layers=1),
@@ -125,6 +127,11 @@ PARITY_CASES = {
     # res5 has hidden_dim channels: no input projection in HF or ours.
     "r34-basic-noproj-q7-k20": (dict(depth=34, width=8, hidden=64, heads=4, layers=4, queries=7, labels=20,
                                      mask_dim=16, seed=3), (1, 64, 128)),
+    # ResNets no standard depth names: other stage depths and widths (HF ResNetConfig can express them).
+    "resnet-basic-d2121-c24-40-56-72": (dict(depth=18, width=12, blocks=(2, 1, 2, 1), channels=(24, 40, 56, 72),
+                                             seed=6), (1, 64, 96)),
+    "resnet-bottleneck-d1213-c32-48-96-160": (dict(depth=50, width=8, blocks=(1, 2, 1, 3),
+                                                   channels=(32, 48, 96, 160), seed=7), (2, 64, 64)),
     # Swin: sides multiples of 32 but not of 32 x window, so every stage pads to its windows.
     "swin-w7-e32-96x160": (dict(embed=32, depths=(2, 2, 2, 2), swin_heads=(2, 2, 4, 4), window=7, seed=4),
                            (2, 96, 160)),
@@ -307,11 +314,20 @@ def test_bad_state_dict_names_the_keys():
   assert "1 mis-shaped key(s)" in msg and "mask_embedder.1.0.weight" in msg
 
 
-def test_hf_config_we_cannot_express_is_refused():
-  hf = make_hf(depth=50, width=8)
-  hf.config.backbone_config.hidden_sizes = [32, 64, 128, 512]
-  with pytest.raises(ValueError, match="hidden_sizes"):
-    from_hf(hf)
+def test_hf_resnet_shapes_become_config_keys_and_what_we_cannot_express_is_refused():
+  from maskformer_jax.convert.hf import model_config_from_hf
+  cfg = model_config_from_hf(make_hf(depth=101, width=8).config)  # a standard one: named by its depth
+  assert (cfg["resnet_depth"], cfg["resnet_blocks"], cfg["resnet_channels"]) == (101, (), ())
+  cfg = model_config_from_hf(make_hf(depth=50, width=8, blocks=(1, 1, 1, 1), channels=(32, 64, 128, 512)).config)
+  assert (cfg["resnet_depth"], cfg["resnet_blocks"], cfg["resnet_channels"]) == (50, (1, 1, 1, 1),
+                                                                                 (32, 64, 128, 512))
+  for field, value, match in (("hidden_sizes", [32, 64, 128, 514], "multiples of 4"),
+                              ("depths", [3, 4, 6], "4 stages"),
+                              ("downsample_in_bottleneck", True, "stride")):
+    hf = make_hf(depth=50, width=8)
+    setattr(hf.config.backbone_config, field, value)
+    with pytest.raises(ValueError, match=match):
+      from_hf(hf)
 
 
 # --- torchvision ResNet import --------------------------------------------------------------------

@@ -162,7 +162,8 @@ def test_bad_image_shapes_fail_clearly():
     ("pixel_decoder", "msdeform", "pixel_decoder"), ("dtype", "float16", "dtype"),
     ("conv_dim", 48, "conv_dim"), ("num_heads", 5, "hidden_dim"), ("backbone", "vit", "backbone"),
     ("swin_num_heads", (1, 1, 2), "swin_depths"), ("swin_num_heads", (1, 3, 2, 2), "swin_embed_dim"),
-    ("swin_window_size", 0, "swin_window_size")])
+    ("swin_window_size", 0, "swin_window_size"), ("resnet_blocks", (2, 2, 2), "resnet_blocks"),
+    ("resnet_channels", (32, 64, 128), "resnet_channels")])
 def test_validate_rejects_bad_model_config(key, value, match):
   """Model mistakes are caught by config.validate, before anything is built or traced."""
   c = load_config("coco_panoptic", "backbone=swin_t,runlocal" if key.startswith("swin") else "runlocal")

@@ -83,7 +83,7 @@ def test_swin_t_bfloat16_forward_is_finite_and_close_to_float32():
 def test_coco_swin_t_train_step_runs_on_cpu():
   """configs/coco_panoptic.py:backbone=swin_t as published (Swin-T, FPN, enforced projection, 6 decoder
   layers, 100 queries, 133 classes, Swin's optimiser), at 64x64 with a batch of 2: compiles, runs, finite,
-  and the parameters move. The suite's costliest compilation (~3 min on 2 cores)."""
+  and the gradient reaches the backbone. The suite's costliest compilation (~3 min on 2 cores)."""
   from _multihost_worker import FAST_COMPILE, make_batch
   from maskformer_jax import sharding, train_step
   c = config_lib.load_config(f"{ROOT}/configs/coco_panoptic.py:backbone=swin_t")
@@ -97,8 +97,10 @@ def test_coco_swin_t_train_step_runs_on_cpu():
   batch["labels"][~batch["valid"]] = 133  # unused slots: no-object
   batch = train_step.shard_batch(batch, mesh)
   step = train_step.make_train_step(c, model, mesh).lower(state, batch).compile(FAST_COMPILE)
-  before = jax.device_get(state["params"]["backbone"]["layers_2"]["blocks_5"]["attn"]["qkv"]["kernel"])
   state, metrics = step(state, batch)  # compiling (~3 min on 2 cores) dominates: one step
   assert np.isfinite(float(metrics["loss"][0])) and float(metrics["skipped"][0]) == 0
-  after = jax.device_get(state["params"]["backbone"]["layers_2"]["blocks_5"]["attn"]["qkv"]["kernel"])
-  assert not np.allclose(before, after)  # warm-up from 1e-6 of 6e-5 still moves AdamW's parameters
+  # The first step's LR is the warm-up's start, 1e-6 of 6e-5 (too small to change a float32 weight), so
+  # check that the gradient reached the backbone: AdamW's first moment of a deep Swin kernel.
+  np.testing.assert_allclose(float(metrics["learning_rate"][0]), 6e-5 * 1e-6, rtol=1e-4)
+  mu = jax.device_get(state["opt_state"][1].mu["backbone"]["layers_2"]["blocks_5"]["attn"]["qkv"]["kernel"])
+  assert np.isfinite(mu).all() and np.abs(mu).max() > 0

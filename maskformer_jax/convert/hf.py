@@ -245,21 +245,26 @@ def model_config_from_hf(hf_config) -> dict:
     raise ValueError(f"only ResNet and Swin backbones convert; this HF model has "
                      f"{getattr(bb, 'model_type', bb)!r}.")
   bottleneck = bb.layer_type == "bottleneck"
-  depth = next((d for d, (blocks, b) in RESNET_STAGES.items() if tuple(bb.depths) == blocks and b == bottleneck),
-               None)
-  if depth is None:
-    raise ValueError(f"HF ResNet depths={list(bb.depths)} layer_type={bb.layer_type!r} is not one of the "
-                     f"supported ResNets {RESNET_STAGES}.")
+  if len(bb.depths) != 4 or len(bb.hidden_sizes) != 4:
+    raise ValueError(f"HF ResNet depths={list(bb.depths)} hidden_sizes={list(bb.hidden_sizes)}: MaskFormer "
+                     "needs 4 stages (res2..res5).")
+  if bottleneck and any(c % 4 for c in bb.hidden_sizes):
+    raise ValueError(f"HF ResNet hidden_sizes={list(bb.hidden_sizes)} are not multiples of 4 (bottleneck).")
+  # A standard ResNet is named by its depth; any other is the depth of its block type with its blocks
+  # (and, for either, channels that differ from the standard ones) stated.
   width = bb.embedding_size
-  if tuple(bb.hidden_sizes) != stage_channels(depth, width):
-    raise ValueError(f"HF ResNet hidden_sizes={list(bb.hidden_sizes)} with embedding_size={width} is not a "
-                     f"standard ResNet-{depth} of width {width} (expected {list(stage_channels(depth, width))}).")
+  standard = next((d for d, (bl, b) in RESNET_STAGES.items() if b == bottleneck and bl == tuple(bb.depths)),
+                  None)
+  depth = standard or next(d for d, (_, b) in RESNET_STAGES.items() if b == bottleneck)
+  blocks = () if standard else tuple(bb.depths)
+  channels = () if tuple(bb.hidden_sizes) == stage_channels(depth, width) else tuple(bb.hidden_sizes)
   if bb.downsample_in_first_stage or (bottleneck and bb.downsample_in_bottleneck):
     raise ValueError("HF ResNet with downsample_in_first_stage/downsample_in_bottleneck has the stride where "
                      "detectron2 does not; not supported.")
   if bb.hidden_act != "relu":
     raise ValueError("only ReLU activations are supported in the ResNet.")
-  return {**defaults, **head, "backbone": "resnet", "resnet_depth": depth, "resnet_width": width}
+  return {**defaults, **head, "backbone": "resnet", "resnet_depth": depth, "resnet_width": width,
+          "resnet_blocks": blocks, "resnet_channels": channels}
 
 
 def load_hf(hf):

@@ -107,6 +107,9 @@ class Block(nn.Module):
 class ResNet(nn.Module):
   """Returns {'res2': stride 4, ..., 'res5': stride 32} feature maps (NHWC, compute dtype).
 
+  `depth` picks the block type (18/34 basic, 50/101 bottleneck) and the default blocks per stage and
+  output channels; `blocks` / `channels` (4 entries each, () = the default) override them, for ResNets
+  of other shapes (any HF `ResNetConfig` with the stride in the 3x3; a bottleneck is channels / 4 wide).
   Variable names: `stem/conv`, `stem/bn`, `res{2..5}_{i}/{conv1,bn1,conv2,bn2[,conv3,bn3]}`, and
   `res{s}_0/{shortcut,shortcut_bn}` where the block changes shape.
   """
@@ -114,11 +117,14 @@ class ResNet(nn.Module):
   width: int = 64
   norm: str = "frozen_bn"
   dtype: Any = jnp.float32
+  blocks: tuple = ()
+  channels: tuple = ()
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    blocks, bottleneck = RESNET_STAGES.get(self.depth, (None, None))
-    channels = stage_channels(self.depth, self.width)  # raises for an unsupported depth
+    default_channels = stage_channels(self.depth, self.width)  # raises for an unsupported depth
+    blocks, bottleneck = RESNET_STAGES[self.depth]
+    blocks, channels = tuple(self.blocks) or blocks, tuple(self.channels) or default_channels
     x = x.astype(self.dtype)
     stem = _Stem(self.width, self.norm, self.dtype, name="stem")
     x = stem(x, train)
@@ -146,8 +152,10 @@ class _Stem(nn.Module):
 
 
 def resnet(cfg, dtype, name):
-  """config.model.backbone = 'resnet': reads resnet_depth, resnet_width and backbone_norm."""
-  return ResNet(cfg.resnet_depth, cfg.resnet_width, cfg.backbone_norm, dtype, name=name)
+  """config.model.backbone = 'resnet': reads resnet_depth, resnet_width, resnet_blocks, resnet_channels
+  and backbone_norm."""
+  return ResNet(cfg.resnet_depth, cfg.resnet_width, cfg.backbone_norm, dtype, tuple(cfg.resnet_blocks),
+                tuple(cfg.resnet_channels), name=name)
 
 
 # config.model.backbone -> builder(model fields, compute dtype, scope name) -> a module mapping NHWC

@@ -67,6 +67,8 @@ class MaskFormer(nn.Module):
   backbone: str = "resnet"
   resnet_depth: int = 50
   resnet_width: int = 64
+  resnet_blocks: tuple = ()
+  resnet_channels: tuple = ()
   backbone_norm: str = "frozen_bn"
   swin_embed_dim: int = 96
   swin_depths: tuple = (2, 2, 6, 2)
