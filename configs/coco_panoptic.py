@@ -11,8 +11,8 @@ one (docs/reference.md section 5).
                                                        also e.g. :backbone=swin_t,runlocal
 
 Swin models use the FPN pixel decoder with the decoder reading res5 through an enforced projection, and
-Swin's optimiser recipe (config.finish). Not yet as the original: Swin-L trains with longest side <= 1000
-(here the DETR recipe's 1333).
+Swin's optimiser recipe (config.finish). Swin-L trains with the longest side <= 1000 (recipe
+"coco_detr_max1000" on a 1024 canvas), as the original does; evaluation stays at 800 / 1333.
 
 maskformer_jax/config.py's defaults are this recipe (batch 64, 554,400 steps, x0.1 at 369,600, the DETR
 augmentation at a 1344 canvas, PQ evaluation); this file states only what differs.
@@ -24,6 +24,8 @@ def get_config(arg=None):
   c, a = family(arg, "configs/coco_panoptic.py")
   if c.model.backbone == "swin":  # the original's Swin models: FPN, the decoder reads res5 projected
     c.model.pixel_decoder, c.model.enforce_input_proj = "base", True
+    if a.backbone == "swin_l":  # the original's Swin-L: MAX_SIZE_TRAIN 1000
+      c.data.recipe, c.data.image_size = "coco_detr_max1000", (1024, 1024)
   else:
     c.model.pixel_decoder = "transformer_encoder"
   return finish(c, a)

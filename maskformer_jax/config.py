@@ -142,7 +142,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.root = ""  # dataset root in the standard layout (local path or gs://); "" = synthetic for demo
   d.train_split = "train2017"
   d.val_split = "val2017"
-  d.recipe = "coco_detr"  # "coco_detr", "lsj", "ade20k"
+  d.recipe = "coco_detr"  # "coco_detr", "coco_detr_max1000" (Swin-L), "lsj", "ade20k"
   d.image_size = (1344, 1344)  # static (H, W) training canvas; the DETR recipe's longest edge 1333, padded
   d.eval_size = (800, 1344)  # static (H, W) eval images are padded to (multiples of 32)
   d.eval_min_size = 800

@@ -54,6 +54,9 @@ def test_every_published_variant_loads_validates_and_keeps_its_recipe(family, ba
   if family == "coco_panoptic":
     swin = backbone.startswith("swin")
     assert (m.pixel_decoder, m.enforce_input_proj) == (("base", True) if swin else ("transformer_encoder", False))
+    # Swin-L alone trains with the longest side <= 1000 (MAX_SIZE_TRAIN), on a canvas that fits it.
+    assert (c.data.recipe, tuple(c.data.image_size)) == (
+        ("coco_detr_max1000", (1024, 1024)) if backbone == "swin_l" else ("coco_detr", (1344, 1344)))
   else:
     big = backbone in ("swin_b", "swin_l")
     assert tuple(c.data.image_size) == ((640, 640) if big else (512, 512))

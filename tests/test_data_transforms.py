@@ -100,6 +100,24 @@ def test_coco_detr_sizes_at_original_canvas():
   assert sum(b != (0, 0, 480, 640) for b in crops) > 60
 
 
+def test_coco_detr_max1000_for_swin_l():
+  """The original's Swin-L COCO recipe: the same DETR sizes with the longest edge <= 1000, on its own
+  1024 canvas (not scaled down by the 1344 reference)."""
+  geometry, _ = transforms.RECIPES["coco_detr_max1000"]
+  longs, shorts = [], set()
+  for seed in range(200):
+    box, (h, w), _ = geometry(np.random.default_rng(seed), (480, 960), (1024, 1024))
+    longs.append(max(h, w))
+    if box == (0, 0, 480, 960):  # no crop: 2:1, so the 1000 cap binds for every shortest edge > 500
+      shorts.add(min(h, w))
+  assert max(longs) == 1000
+  assert shorts == {480, 500}  # 480 fits (960 long); 512..800 are all capped to 1000 x 500
+  out, _ = transforms.train_example(blocky_example(120, 160), np.random.default_rng(0),
+                                    recipe="coco_detr_max1000", canvas=(1024, 1024), max_instances=8,
+                                    num_classes=7)
+  check_contract(out, (1024, 1024), 8, 7)
+
+
 def test_lsj_and_ade20k_sizes():
   for seed in range(100):
     rng = np.random.default_rng(seed)

@@ -10,6 +10,8 @@ Sizes follow detectron2's MaskFormer/Mask2Former mappers (docs/reference.md sect
 canvas (COCO DETR 1344, LSJ 1024, ADE20K 512); on a smaller canvas (tests, demo) the DETR and ADE20K
 sizes scale with it so an example always fits.
 """
+import functools
+
 import cv2
 import numpy as np
 
@@ -71,11 +73,12 @@ def _to_original(y0, x0, ch, cw, scale, shape):
   return oy0, ox0, oy1, ox1
 
 
-def coco_detr_geometry(rng, shape, canvas):
+def coco_detr_geometry(rng, shape, canvas, max_size=1333):
   """DETR-style: flip; p=0.5 [shortest edge 400/500/600, crop 384..600]; shortest edge 480..800 step 32,
-  max 1333. Sizes scale by min(1, min(canvas)/1344)."""
+  longest <= max_size (1333; the original's Swin-L uses 1000). Sizes scale by min(1, min(canvas)/C),
+  C = max_size rounded up to a multiple of 32 (the recipe's own canvas: 1344, or 1024)."""
   h, w = shape
-  s = min(1.0, min(canvas) / 1344)
+  s = min(1.0, min(canvas) / (-(-max_size // 32) * 32))
   flip = bool(rng.random() < 0.5)
   box, cur = (0, 0, h, w), (h, w)
   if rng.random() < 0.5:
@@ -87,7 +90,7 @@ def coco_detr_geometry(rng, shape, canvas):
     y0, x0, ch, cw = _crop_box(rng, (rh, rw), (ch, cw))
     box, cur = _to_original(y0, x0, ch, cw, rh / h, shape), (ch, cw)
   short = round(rng.choice(np.arange(480, 801, 32)) * s)
-  out = _fit(shortest_edge_size(*cur, short, 1333 * s), canvas)
+  out = _fit(shortest_edge_size(*cur, short, max_size * s), canvas)
   return box, out, flip
 
 
@@ -120,6 +123,7 @@ def ade20k_geometry(rng, shape, canvas):
 # The ADE20K recipe adds the SSD photometric distortion (detectron2's ColorAugSSDTransform).
 RECIPES = {
     "coco_detr": (coco_detr_geometry, False),
+    "coco_detr_max1000": (functools.partial(coco_detr_geometry, max_size=1000), False),  # Swin-L COCO
     "lsj": (lsj_geometry, False),
     "ade20k": (ade20k_geometry, True),
 }
