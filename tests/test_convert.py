@@ -1,6 +1,7 @@
 """Weight import: parity with randomly initialised Hugging Face MaskFormers (no download), the "+6 Enc"
 encoder against HF's DETR encoder layer, torchvision ResNet import, the CLI, and clear errors."""
 import functools
+import hashlib
 import json
 import math
 import re
@@ -268,7 +269,13 @@ def test_save_pretrained_dir_and_cli_roundtrip(tmp_path):
   assert res.returncode == 0, res.stderr
   assert f"wrote {tmp_path / 'ckpt'}" in res.stdout
   cfg, loaded = load_converted(tmp_path / "ckpt")
-  assert json.load(open(tmp_path / "ckpt" / "config.json"))["model"] == cfg
+  written = json.load(open(tmp_path / "ckpt" / "config.json"))
+  assert written["model"] == cfg
+  # Provenance: each file of the HF directory with its sha256, and the forward parity it passed.
+  source = written["source"]
+  assert source["format"] == "hf" and source["path"] == str(tmp_path / "hf")
+  assert source["files"]["config.json"] == hashlib.sha256((tmp_path / "hf" / "config.json").read_bytes()).hexdigest()
+  assert source["check"]["passed"] and max(source["check"]["max_abs"].values()) <= TOL
   assert (cfg["resnet_depth"], cfg["num_queries"], cfg["num_classes"]) == (18, 4, 2)
   out2 = run(build_model(cfg), loaded, x)
   assert maxdiff(out2["pred_logits"], ref.class_queries_logits) <= TOL
@@ -284,7 +291,7 @@ def test_swin_conversion_saved_and_loaded(tmp_path):
   assert cfg == {"backbone": "swin", "swin_embed_dim": 16, "swin_depths": (2, 1, 1, 2),
                  "swin_num_heads": (1, 2, 2, 4), "swin_window_size": 7}
   from maskformer_jax.convert.hf import model_config_from_hf
-  save_converted(tmp_path / "ckpt", model_config_from_hf(hf.config), variables, source="test")
+  save_converted(tmp_path / "ckpt", model_config_from_hf(hf.config), variables, source={"format": "test"})
   loaded_cfg, loaded = load_converted(tmp_path / "ckpt")
   x = images(1, 64, 96)
   out = run(build_model(loaded_cfg), loaded, x)  # JSON lists back to the model's tuples

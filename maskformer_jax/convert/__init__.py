@@ -1,12 +1,18 @@
-"""Weight import: Hugging Face MaskFormer, torchvision ResNet, and converted checkpoints on disk.
+"""Weight import: Hugging Face MaskFormer, the original's detectron2 files, torchvision ResNet, and
+converted checkpoints on disk.
 
 A converted checkpoint is a directory with `variables.msgpack` (flax.serialization of
 {'params', 'batch_stats'} as float32 numpy arrays) and `config.json` ({'model': our config.model
-keys, 'source': where it came from}). Write one with `python -m maskformer_jax.convert --hf DIR --out
-DIR`; read it with `load_converted(dir) -> (model_config_dict, variables)`.
+keys, 'source': its provenance}). The provenance (`provenance`) names the source file(s) with their
+sha256, the converter's version and the check the conversion passed, so a checkpoint can be traced
+and re-checked. Write one with `python -m maskformer_jax.convert --hf DIR | --detectron2 FILE --config
+SPEC --out DIR`; read it with `load_converted(dir) -> (model_config_dict, variables)`.
 """
+import hashlib
+import importlib.metadata
 import json
 import os
+import subprocess
 
 from absl import logging
 import flax
@@ -14,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maskformer_jax.convert.detectron2 import (D2_IGNORED, from_detectron2, normalise, read_detectron2,
+                                                to_detectron2)
 from maskformer_jax.convert.hf import from_hf, model_config_from_hf
 from maskformer_jax.convert.torchvision import load_torchvision_resnet
 
@@ -21,7 +29,55 @@ VARIABLES_FILE = "variables.msgpack"
 CONFIG_FILE = "config.json"
 
 
-def save_converted(out_dir, model_config: dict, variables, source: str = "") -> None:
+def sha256(path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def converter_version() -> str:
+  """The package version, plus the git commit (and '-dirty') when run from a checkout."""
+  try:
+    version = importlib.metadata.version("maskformer_jax")
+  except importlib.metadata.PackageNotFoundError:
+    version = "unknown"
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--", "."], capture_output=True,
+                           text=True, timeout=10).stdout.strip()
+    return f"maskformer_jax {version} ({commit}{'-dirty' if dirty else ''})"
+  except (OSError, subprocess.SubprocessError):
+    return f"maskformer_jax {version}"
+
+
+def provenance(kind: str, path, check: dict) -> dict:
+  """Where a conversion came from: `kind` ('hf' or 'detectron2'), the source file (or, for a
+  save_pretrained directory, each file in it) with sha256, the converter's version, and `check`."""
+  path = os.path.abspath(os.fspath(path))
+  files = ([os.path.join(path, n) for n in sorted(os.listdir(path))] if os.path.isdir(path) else [path])
+  return {"format": kind, "path": path,
+          "files": {os.path.basename(f): sha256(f) for f in files if os.path.isfile(f)},
+          "converter": converter_version(), "check": check}
+
+
+def check_detectron2_roundtrip(state_dict, variables) -> dict:
+  """Every array of the original file that we use is reproduced bit-for-bit by writing the converted
+  variables back in the original's naming (so nothing was dropped, transposed wrongly or mixed up)."""
+  theirs = {k: v for k, v in normalise(state_dict).items() if not D2_IGNORED.search(k)}
+  ours = normalise(to_detectron2(variables))
+  bad = sorted(k for k in set(theirs) | set(ours) if k not in ours or k not in theirs
+               or not np.array_equal(np.asarray(theirs[k], np.float32), ours[k]))
+  return {"name": "roundtrip to the original's names, bit-exact",
+          "arrays": sum(1 for k in state_dict if not D2_IGNORED.search(k)),
+          "mismatched": bad[:20], "passed": not bad}
+
+
+def save_converted(out_dir, model_config: dict, variables, source=None) -> None:
+  """Writes a converted checkpoint; `source` is its provenance (a dict from `provenance`)."""
   os.makedirs(out_dir, exist_ok=True)
   host = jax.tree.map(lambda x: np.asarray(x, np.float32), flax.core.unfreeze(variables))
   with open(os.path.join(out_dir, VARIABLES_FILE), "wb") as f:
@@ -77,5 +133,6 @@ def merge_variables(state, variables, *, what):
   return state
 
 
-__all__ = ["from_hf", "model_config_from_hf", "load_torchvision_resnet", "save_converted", "load_converted",
-           "load_pretrained", "merge_variables"]
+__all__ = ["from_hf", "model_config_from_hf", "from_detectron2", "read_detectron2", "to_detectron2",
+           "load_torchvision_resnet", "save_converted", "load_converted", "load_pretrained", "merge_variables",
+           "provenance", "check_detectron2_roundtrip"]

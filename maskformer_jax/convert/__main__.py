@@ -1,27 +1,65 @@
-"""python -m maskformer_jax.convert --hf DIR --out DIR: an HF MaskFormer save_pretrained directory ->
-a converted checkpoint (variables.msgpack + config.json) for config.init.checkpoint."""
+"""python -m maskformer_jax.convert: weights from elsewhere -> a converted checkpoint (variables.msgpack
++ config.json with provenance) for config.init.checkpoint, `predict` and `evaluate`.
+
+  --hf DIR --out DIR                        an HF MaskFormer save_pretrained directory (the model config
+                                            is read from it)
+  --detectron2 FILE --config SPEC --out DIR an original model-zoo file (model_final_*.pkl, or a .pth the
+                                            original trained); SPEC names the model it holds, e.g.
+                                            configs/coco_panoptic.py:backbone=r101
+
+Every conversion is checked before it is written (HF: forward parity on a probe; detectron2: the file's
+arrays reproduced bit-for-bit from ours) and the result is recorded. The official weights are licensed
+CC BY-NC 4.0 (non-commercial); a converted copy carries the same licence.
+"""
 import argparse
 import sys
 
 import jax
 
+from maskformer_jax import config as config_lib
 from maskformer_jax import paths
-from maskformer_jax.convert import from_hf, model_config_from_hf, save_converted
-from maskformer_jax.convert.hf import load_hf
+from maskformer_jax.convert import (check_detectron2_roundtrip, from_detectron2, from_hf, model_config_from_hf,
+                                    provenance, read_detectron2, save_converted)
+from maskformer_jax.convert.hf import check_hf_parity, load_hf
+from maskformer_jax.models import MODEL_KEYS
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m maskformer_jax.convert", description=__doc__)
-  parser.add_argument("--hf", required=True, help="directory written by MaskFormerForInstanceSegmentation.save_pretrained")
+  parser = argparse.ArgumentParser(prog="python -m maskformer_jax.convert", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--hf", help="directory written by MaskFormerForInstanceSegmentation.save_pretrained")
+  source.add_argument("--detectron2", help="the original's checkpoint (.pkl from its model zoo, or .pth)")
+  parser.add_argument("--config", help="with --detectron2: the config of the model in the file "
+                      "(path[:argument], as for train)")
   parser.add_argument("--out", required=True, help="output directory for variables.msgpack and config.json")
   args = parser.parse_args(argv)
-  args.hf, args.out = paths.absolute(args.hf), paths.absolute(args.out)
-  hf = load_hf(args.hf)
-  _, variables = from_hf(hf)
-  cfg = model_config_from_hf(hf.config)
-  save_converted(args.out, cfg, variables, source=f"hf:{args.hf}")
+  args.out = paths.absolute(args.out)
+  if args.hf:
+    args.hf = paths.absolute(args.hf)
+    hf = load_hf(args.hf)
+    module, variables = from_hf(hf)
+    cfg = model_config_from_hf(hf.config)
+    check = check_hf_parity(hf, module, variables)
+    where = args.hf
+  else:
+    if not args.config:
+      parser.error("--detectron2 needs --config naming the model the file holds "
+                   "(e.g. configs/coco_panoptic.py:backbone=r101).")
+    args.detectron2 = paths.absolute(args.detectron2)
+    model = config_lib.load_config(args.config).model
+    cfg = {k: model[k] for k in MODEL_KEYS}
+    cfg["dtype"] = "float32"  # the stored weights; the config that loads them picks the compute dtype
+    state_dict = read_detectron2(args.detectron2)
+    variables = from_detectron2(state_dict, cfg)
+    check = check_detectron2_roundtrip(state_dict, variables)
+    where = args.detectron2
+  if not check["passed"]:
+    print(f"conversion check failed, nothing written: {check}", file=sys.stderr)
+    return 1
+  save_converted(args.out, cfg, variables, source=provenance("hf" if args.hf else "detectron2", where, check))
   n = sum(x.size for x in jax.tree.leaves(variables))
-  print(f"wrote {args.out}: {n:,} values; model config {cfg}")
+  print(f"wrote {args.out}: {n:,} values; check passed: {check['name']}; model config {cfg}")
   return 0
 
 
