@@ -220,7 +220,7 @@ def test_bad_files_are_named(tmp_path):
 
 
 def test_cli_converts_with_a_config_and_records_provenance(tmp_path):
-  """python -m maskformer_jax.convert --detectron2 FILE --config SPEC --out DIR, relative paths as a user
+  """python -m maskformer_jax.convert --detectron2 FILE --config CONFIG --out DIR, relative paths as a user
   types them; the checkpoint names the file's sha256, the converter and the check it passed."""
   root = pathlib.Path(__file__).parent.parent
   spec = f"{root}/configs/coco_panoptic.py:runlocal"

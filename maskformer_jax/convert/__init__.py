@@ -6,7 +6,7 @@ A converted checkpoint is a directory with `variables.msgpack` (flax.serializati
 keys, 'source': its provenance}). The provenance (`provenance`) names the source file(s) with their
 sha256, the converter's version and the check the conversion passed, so a checkpoint can be traced
 and re-checked. Write one with `python -m maskformer_jax.convert --hf DIR | --detectron2 FILE --config
-SPEC --out DIR`; read it with `load_converted(dir) -> (model_config_dict, variables)`.
+CONFIG --out DIR`; read it with `load_converted(dir) -> (model_config_dict, variables)`.
 """
 import hashlib
 import importlib.metadata

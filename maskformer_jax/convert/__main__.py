@@ -3,8 +3,8 @@
 
   --hf DIR --out DIR                        an HF MaskFormer save_pretrained directory (the model config
                                             is read from it)
-  --detectron2 FILE --config SPEC --out DIR an original model-zoo file (model_final_*.pkl, or a .pth the
-                                            original trained); SPEC names the model it holds, e.g.
+  --detectron2 FILE --config CONFIG --out DIR an original model-zoo file (model_final_*.pkl, or a .pth the
+                                            original trained); CONFIG names the model it holds, e.g.
                                             configs/coco_panoptic.py:backbone=r101
 
 Every conversion is checked before it is written (HF: forward parity on a probe; detectron2: the file's
