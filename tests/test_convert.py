@@ -15,10 +15,8 @@ import torch
 from transformers import (DetrConfig, MaskFormerConfig, MaskFormerForInstanceSegmentation, ResNetConfig,
                           SwinConfig)
 from transformers.models.detr.modeling_detr import DetrEncoderLayer
-from transformers.models.maskformer.modeling_maskformer import (MaskFormerPixelDecoder,
-                                                                MaskFormerSinePositionEmbedding,
-                                                                MaskFormerTransformerModule)
 
+from maskformer_jax.bench.vs_pytorch import TorchReference
 from maskformer_jax.convert import from_hf, load_converted, load_torchvision_resnet
 from maskformer_jax.convert.hf import HF_IGNORED, abstract_variables, convert_state_dict, hf_key
 from maskformer_jax.models import build_model
@@ -196,49 +194,24 @@ def test_detr_encoder_layer_matches_hf():
   assert maxdiff(out, ref) <= 1e-5
 
 
-class Plus6EncReference(torch.nn.Module):
+def plus6enc_reference(hf, enc_layers):
   """A torch "+6 Enc" MaskFormer assembled from HF modules, wired as the original
-  TransformerEncoderPixelDecoder: res5 -> 1x1 input projection -> DETR encoder layers (sine pos) ->
-  (a) the transformer decoder's memory and (b) the FPN's res5 output conv."""
+  TransformerEncoderPixelDecoder (res5 -> 1x1 input projection -> DETR encoder layers with sine
+  positions -> the decoder's memory and the FPN's res5 input): the benchmark's torch reference."""
+  ref = TorchReference(hf, enc_layers)
+  randomize_norms_(hf, seed=5)
+  return ref
 
-  def __init__(self, hf: MaskFormerForInstanceSegmentation, enc_layers: int):
-    super().__init__()
-    c = hf.config
-    conv = c.fpn_feature_size
-    self.hf = hf
-    chans = hf.model.pixel_level_module.encoder.channels
-    dec = MaskFormerPixelDecoder(in_features=conv, feature_size=conv, mask_feature_size=c.mask_feature_size,
-                                 lateral_widths=chans[:-1])
-    dec.input_projection = torch.nn.Conv2d(chans[-1], conv, kernel_size=1)
-    detr = DetrConfig(d_model=conv, encoder_attention_heads=c.decoder_config.decoder_attention_heads,
-                      encoder_ffn_dim=c.decoder_config.decoder_ffn_dim)
-    dec.encoder_layers = torch.nn.ModuleList([DetrEncoderLayer(detr) for _ in range(enc_layers)])
-    hf.model.pixel_level_module.decoder = dec
-    hf.model.transformer_module = MaskFormerTransformerModule(in_features=conv, config=c)
-    randomize_norms_(hf, seed=5)
-    self.pos = MaskFormerSinePositionEmbedding(num_position_features=conv // 2, normalize=True)
-    self.eval()
 
-  def forward(self, x):
-    plm = self.hf.model.pixel_level_module
-    feats = plm.encoder(x).feature_maps
-    res5 = plm.decoder.input_projection(feats[-1])
-    b, c, h, w = res5.shape
-    pos = self.pos(res5.shape, res5.device, res5.dtype).flatten(2).transpose(1, 2)
-    t = res5.flatten(2).transpose(1, 2)
-    for layer in plm.decoder.encoder_layers:
-      t = layer(t, attention_mask=None, spatial_position_embeddings=pos)
-    enc = t.transpose(1, 2).reshape(b, c, h, w)
-    pix = plm.decoder(list(feats[:-1]) + [enc]).last_hidden_state
-    q = self.hf.model.transformer_module(enc).last_hidden_state
-    logits = self.hf.class_predictor(q)
-    masks = torch.einsum("bqc,bchw->bqhw", self.hf.mask_embedder(q), pix)
-    return logits, masks
+def torch_outputs(ref, x):
+  with torch.no_grad():
+    logits, masks, _ = ref.forward(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())
+  return logits, masks
 
 
 def test_plus6enc_pixel_decoder_matches_hf_assembled_reference():
   hf = make_hf(depth=50, width=8, hidden=32, heads=4, layers=2, queries=6, labels=4)
-  ref_model = Plus6EncReference(hf, enc_layers=2)
+  ref_model = plus6enc_reference(hf, enc_layers=2)
   cfg = dict(resnet_depth=50, resnet_width=8, pixel_decoder="transformer_encoder", pixel_encoder_layers=2,
              conv_dim=32, mask_dim=32, num_queries=6, hidden_dim=32, num_heads=4, dim_feedforward=64,
              dec_layers=2, num_classes=4)
@@ -247,8 +220,7 @@ def test_plus6enc_pixel_decoder_matches_hf_assembled_reference():
   # The decoder reads the encoder output (conv_dim == hidden_dim): no input projection.
   assert "input_proj" not in variables["params"]["transformer_decoder"]
   x = images(2, 64, 64, seed=7)
-  with torch.no_grad():
-    logits, masks = ref_model(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())
+  logits, masks = torch_outputs(ref_model, x)
   out = run(module, variables, x)
   assert maxdiff(out["pred_logits"], logits) <= TOL
   assert maxdiff(out["pred_masks"], masks) <= TOL

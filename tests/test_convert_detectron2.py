@@ -14,9 +14,8 @@ import sys
 import flax
 import numpy as np
 import pytest
-import torch
-from test_convert import (TOL, Plus6EncReference, hf_forward, host_variables, images, make_hf, make_hf_swin,
-                          maxdiff, run)
+from test_convert import (TOL, hf_forward, host_variables, images, make_hf, make_hf_swin, maxdiff,
+                          plus6enc_reference, run, torch_outputs)
 
 from maskformer_jax.config import load_config
 from maskformer_jax.convert import (check_detectron2_roundtrip, from_detectron2, load_converted,
@@ -165,8 +164,8 @@ def test_plus6enc_file_maps_onto_our_encoder_layers(tmp_path, layout):
   """The "+6 Enc" names (pixel decoder input_proj and transformer.encoder.layers.N, post-norm) against
   the torch reference assembled from HF's DETR encoder layers."""
   hf = make_hf(depth=50, width=8, hidden=32, heads=4, layers=2, queries=6, labels=4)
-  ref_model = Plus6EncReference(hf, enc_layers=2)
-  original = to_original(ref_model.hf.state_dict(), layout)
+  ref_model = plus6enc_reference(hf, enc_layers=2)
+  original = to_original(ref_model.state_dict(), layout)
   enc = "sem_seg_head." + ("" if layout == "old" else "pixel_decoder.") + "transformer.encoder.layers.1."
   assert {enc + "self_attn.in_proj_weight", enc + "norm2.bias", enc + "linear1.weight"} <= set(original)
   cfg = dict(resnet_depth=50, resnet_width=8, pixel_decoder="transformer_encoder", pixel_encoder_layers=2,
@@ -174,8 +173,7 @@ def test_plus6enc_file_maps_onto_our_encoder_layers(tmp_path, layout):
              dec_layers=2, num_classes=4)
   variables = from_detectron2(original, cfg)
   x = images(2, 64, 64, seed=7)
-  with torch.no_grad():
-    logits, masks = ref_model(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())
+  logits, masks = torch_outputs(ref_model, x)
   out = run(build_model(cfg), variables, x)
   assert maxdiff(out["pred_logits"], logits) <= TOL
   assert maxdiff(out["pred_masks"], masks) <= TOL
