@@ -83,7 +83,7 @@ def make_train_step(config, model, mesh, shardings=None):
   def loss_fn(params, batch_stats, batch, rng, num_masks, ce_norm):
     dropout_rng, loss_rng = jax.random.split(rng)
     variables = {"params": params, "batch_stats": batch_stats}
-    images = normalize_image(batch["image"])
+    images = normalize_image(batch["image"], batch.get("image_size"))
     if bn:
       outputs, new_vars = model.apply(variables, images, train=True, rngs={"dropout": dropout_rng},
                                       mutable=["batch_stats"])
@@ -98,7 +98,7 @@ def make_train_step(config, model, mesh, shardings=None):
 
   def step(state, batch):
     params, rng = state["params"], jax.random.fold_in(state["rng"], state["step"])
-    batch = {k: batch[k] for k in ("image", "segments", "labels", "valid")}
+    batch = {k: batch[k] for k in ("image", "image_size", "segments", "labels", "valid") if k in batch}
     num_masks = criterion.num_masks(batch)
     ce_norm = criterion.class_weight_sum(batch, num_queries, lc.eos_coef)
     if accum == 1:
@@ -161,7 +161,7 @@ def make_eval_step(config, model, mesh, shardings=None):
 
   def step(state, batch):
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    out = model.apply(variables, normalize_image(batch["image"]), train=False)
+    out = model.apply(variables, normalize_image(batch["image"], batch.get("image_size")), train=False)
     return {"pred_logits": out["pred_logits"], "pred_masks": out["pred_masks"]}
 
   return jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=batch_sh)

@@ -149,10 +149,24 @@ def test_trainable_bn_updates_running_stats_in_train_mode():
   assert out["pred_masks"].shape == (2, 8, 16, 24)
 
 
-def test_bad_image_shapes_fail_clearly():
+def test_normalised_padding_is_the_pixel_mean():
+  """normalize_image with the content size zeroes the padding after normalising (the original's
+  ImageList pads normalised images with 0); the content is untouched."""
+  from maskformer_jax.models import normalize_image
+  img = np.random.default_rng(0).integers(0, 256, (2, 8, 12, 3)).astype(np.uint8)
+  plain = np.asarray(normalize_image(img))
+  out = np.asarray(normalize_image(img, np.array([[5, 7], [8, 12]])))
+  np.testing.assert_array_equal(out[0, :5, :7], plain[0, :5, :7])
+  assert not out[0, 5:].any() and not out[0, :, 7:].any()
+  np.testing.assert_array_equal(out[1], plain[1])
+  assert np.abs(np.asarray(normalize_image(np.zeros((1, 1, 1, 3))))).min() > 1.5  # black is not the mean
+
+
+def test_any_image_size_with_a_resnet_and_bad_shapes_fail_clearly():
+  """A ResNet MaskFormer runs at any size, as the original (stride-2 layers round up)."""
   model, variables, _ = _model("base", "bn")
-  with pytest.raises(ValueError, match="multiples of 32.*pad"):
-    model.apply(variables, jnp.zeros((1, 64, 80, 3)))
+  out = jax.eval_shape(lambda x: model.apply(variables, x), jnp.zeros((1, 50, 77, 3)))
+  assert out["pred_masks"].shape[2:] == (13, 20)
   with pytest.raises(ValueError, match="NHWC"):
     model.apply(variables, jnp.zeros((1, 3, 64, 64)))
 

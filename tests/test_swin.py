@@ -43,6 +43,8 @@ def test_drop_path_only_in_training_and_random():
   # Per example: with rate 0.5 on the deepest blocks some examples keep a branch that others drop.
   per_example = np.abs(np.asarray(t1["res5"]) - np.asarray(a["res5"])).reshape(4, -1).max(1)
   assert len(np.unique(np.round(per_example, 5))) > 1
+  with pytest.raises(ValueError, match="Swin backbone needs .* multiples of 32; got 64x80: pad"):
+    m.apply(v, jnp.zeros((1, 64, 80, 3)))
 
 
 def test_swin_names_follow_the_optimizer_rules():

@@ -6,17 +6,16 @@
 
 The original evaluates one image per batch: with SIZE_DIVISIBILITY 0 the network sees the resized image
 and nothing else; with the code's default of 32 it sees it padded to the next multiples of 32 with the
-pixel mean (0 after normalisation). Our evaluation resizes every image the same way but runs it on one
-static canvas, padded bottom/right with black (uint8 0), and shrinks an image that does not fit the
-canvas. Nothing in the model masks padding: the backbone's convolutions, the pixel decoder's GroupNorm
+pixel mean (0 after normalisation). Our evaluation resizes every image the same way but runs it on a
+static canvas, padded bottom/right (with the pixel mean since models.normalize_image takes the content
+size; with black before), and the single-canvas mode shrinks an image that does not fit. Nothing in the model masks padding: the backbone's convolutions, the pixel decoder's GroupNorm
 statistics, the "+6 Enc" encoder's self-attention, the decoder's cross-attention and both sine position
 embeddings (normalised over the whole map) all see it. Each image is therefore run, with the same
 weights, as
 
 - `exact`: the test resize (shortest edge min_size, longest <= max_size) and nothing else, the model at
-  exactly that size. The library model accepts only multiples of 32, so this runs `AnySizeMaskFormer`,
-  the same network without that check (ResNet, FPN and decoder work at any size, as the original's);
-- `pad32`: the same image padded to the next multiples of 32 with black, as our pipeline pads;
+  exactly that size (a ResNet MaskFormer, like the original's, runs at any size);
+- `pad32`: the same image padded to the next multiples of 32 with black, as our pipeline padded before;
 - `pad32_mean`: the same padded with the pixel mean, as the original's ImageList (and Hugging Face's
   image processor) pads;
 - `canvas HxW`: exactly what our evaluation feeds the model (transforms.eval_example on that canvas).
@@ -32,7 +31,6 @@ import math
 import platform
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,7 +38,6 @@ from scipy.optimize import linear_sum_assignment
 
 from maskformer_jax import checkpoint
 from maskformer_jax import inference
-from maskformer_jax import registry
 from maskformer_jax import sharding
 from maskformer_jax.config import load_config
 from maskformer_jax.data import pipeline
@@ -49,42 +46,10 @@ from maskformer_jax.data import transforms
 from maskformer_jax.evaluation.panoptic import metric_row, original_category_ids
 from maskformer_jax.evaluation.pq import PQAccumulator
 from maskformer_jax.models import build_model, normalize_image
-from maskformer_jax.models.backbone import BACKBONES
-from maskformer_jax.models.maskformer import MLP, MaskFormer, _torch_linear
-from maskformer_jax.models.pixel_decoder import PIXEL_DECODERS
-from maskformer_jax.models.transformer_decoder import TransformerDecoder
+from maskformer_jax.models.maskformer import MaskFormer
 
 
-class AnySizeMaskFormer(MaskFormer):
-  """MaskFormer's forward pass (main layer only) without the multiple-of-32 check on the input size.
-
-  Same submodules and names, so the same variables apply; tests/test_eval_padding.py checks it gives
-  the library model's outputs at a size both accept. Kept here, not in the library: training and
-  evaluation run on static canvases, and only this measurement needs arbitrary sizes.
-  """
-
-  @nn.compact
-  def __call__(self, images, train: bool = False):
-    feats = registry.get(BACKBONES, self.backbone, "model.backbone")(self, self.dtype, "backbone")(
-        images, train)
-    make_decoder = registry.get(PIXEL_DECODERS, self.pixel_decoder, "model.pixel_decoder")
-    mask_features, memory = make_decoder(self, self.dtype, "pixel_decoder")(feats, train)
-    hs = TransformerDecoder(self.num_queries, self.hidden_dim, self.num_heads, self.dim_feedforward,
-                            self.dec_layers, self.dropout, self.enforce_input_proj, self.dtype,
-                            name="transformer_decoder")(memory, train)[-1]
-    logits = nn.Dense(self.num_classes + 1, kernel_init=_torch_linear, dtype=self.dtype,
-                      param_dtype=jnp.float32, name="class_embed")(hs)
-    mask_embed = MLP(self.hidden_dim, self.mask_dim, 3, self.dtype, name="mask_embed")(hs)
-    masks = jnp.einsum("bqc,bhwc->bqhw", mask_embed, mask_features.astype(self.dtype))
-    return {"pred_logits": logits.astype(jnp.float32), "pred_masks": masks.astype(jnp.float32)}
-
-
-def any_size_model(model: MaskFormer) -> AnySizeMaskFormer:
-  return AnySizeMaskFormer(**{f: getattr(model, f) for f in model.__dataclass_fields__
-                              if f not in ("parent", "name")})
-
-
-_COMPILED = {}  # (AnySizeMaskFormer, input shape, compiler options) -> executable, shared by all runs
+_COMPILED = {}  # (model, input shape, compiler options) -> executable, shared by all runs
 
 
 def make_forward(model: MaskFormer, compiler_options=None):
@@ -92,12 +57,11 @@ def make_forward(model: MaskFormer, compiler_options=None):
 
   Compiled once per model and input size in a process; `compiler_options` (XLA options) lets the tests
   trade code quality for compile time on a small CPU."""
-  any_size = any_size_model(model)
-  fn = jax.jit(lambda variables, images: any_size.apply(variables, images, train=False))
+  fn = jax.jit(lambda variables, images: model.apply(variables, images, train=False))
   options = tuple(sorted((compiler_options or {}).items()))
 
   def forward(variables, images):
-    key = (any_size, images.shape, options)
+    key = (model, images.shape, options)
     if key not in _COMPILED:
       _COMPILED[key] = fn.lower(variables, images).compile(compiler_options)
     return _COMPILED[key](variables, images)
@@ -126,7 +90,8 @@ def variant_inputs(ex, *, min_size, max_size, canvases, max_instances, num_class
   for canvas in canvases:
     e, _ = transforms.eval_example(ex, canvas=canvas, min_size=min_size, max_size=max_size,
                                    max_instances=max_instances, num_classes=num_classes)
-    out[canvas_name(canvas)] = (np.asarray(normalize_image(e["image"]))[None], tuple(e["image_size"]))
+    out[canvas_name(canvas)] = (np.asarray(normalize_image(e["image"][None], e["image_size"][None])),
+                                tuple(e["image_size"]))
   return out
 
 
@@ -171,7 +136,7 @@ def run(config, variables, model, source, *, num_images=-1, min_size=None, max_s
         canvases=None, reference="exact", compiler_options=None):
   """Runs every variant on the first `num_images` of `source` (all: -1); returns the report.
 
-  `variables` are {params, batch_stats} for `model` (a MaskFormer; it is run through AnySizeMaskFormer).
+  `variables` are {params, batch_stats} for `model` (a MaskFormer with a ResNet: any input size).
 
   report = {"variants": [names], "images": [{image_id, orig_size, inputs: {variant: (H, W)},
   contents: {variant: (h, w)}, agreement: {variant: compare(reference, variant)}}], "pq": {variant:

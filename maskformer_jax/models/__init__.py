@@ -16,10 +16,21 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.model.dtyp
 MODEL_KEYS = tuple(f.name for f in dataclasses.fields(MaskFormer) if f.name not in ("parent", "name"))
 
 
-def normalize_image(images):
-  """uint8 (or 0-255 float) RGB NHWC -> float32 normalised with the original mean/std."""
+def normalize_image(images, image_size=None):
+  """uint8 (or 0-255 float) RGB NHWC -> float32 normalised with the original mean/std.
+
+  With `image_size` ([B, 2] content height, width) everything outside the content becomes 0, i.e. the
+  pixel mean: the original (detectron2's ImageList) pads normalised images with zeros, and nothing in
+  the model masks padding, so its value reaches the predictions.
+  """
   x = jnp.asarray(images).astype(jnp.float32)
-  return (x - jnp.asarray(PIXEL_MEAN, jnp.float32)) / jnp.asarray(PIXEL_STD, jnp.float32)
+  x = (x - jnp.asarray(PIXEL_MEAN, jnp.float32)) / jnp.asarray(PIXEL_STD, jnp.float32)
+  if image_size is None:
+    return x
+  size = jnp.asarray(image_size)
+  rows = jnp.arange(x.shape[1])[None, :, None] < size[:, 0, None, None]
+  cols = jnp.arange(x.shape[2])[None, None, :] < size[:, 1, None, None]
+  return jnp.where((rows & cols)[..., None], x, 0.0)
 
 
 def build_model(model_config: Mapping) -> MaskFormer:

@@ -1,9 +1,9 @@
 """MaskFormer: backbone -> pixel decoder -> transformer decoder -> class and mask heads.
 
-`model.apply(variables, images, train=...)` takes normalised NHWC float32 images whose sides are
-multiples of 32 and returns (float32 whatever the compute dtype)::
+`model.apply(variables, images, train=...)` takes normalised NHWC float32 images (any size with a
+ResNet, as the original; multiples of 32 with Swin) and returns (float32 whatever the compute dtype)::
 
-  {'pred_logits': [B, Q, K+1] (no-object LAST), 'pred_masks': [B, Q, H/4, W/4],
+  {'pred_logits': [B, Q, K+1] (no-object LAST), 'pred_masks': [B, Q, ceil(H/4), ceil(W/4)],
    'aux_outputs': [{'pred_logits', 'pred_masks'} for decoder layers 0..L-2]}
 
 The heads run on every decoder layer's output after the shared `decoder_norm` (original deep
@@ -93,10 +93,6 @@ class MaskFormer(nn.Module):
   def __call__(self, images, train: bool = False):
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be NHWC [B, H, W, 3]; got shape {images.shape}.")
-    if images.shape[1] % 32 or images.shape[2] % 32:
-      raise ValueError(f"image height and width must be multiples of 32 (the backbone's stride); got "
-                       f"{images.shape[1]}x{images.shape[2]}: pad the images (bottom/right) to the next "
-                       f"multiple of 32, as the data pipeline does.")
     feats = registry.get(BACKBONES, self.backbone, "model.backbone")(self, self.dtype, "backbone")(
         images, train)
     make_decoder = registry.get(PIXEL_DECODERS, self.pixel_decoder, "model.pixel_decoder")

@@ -219,6 +219,10 @@ class SwinTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    if x.shape[1] % 32 or x.shape[2] % 32:  # patch 4, then three 2x2 merges (the ResNet takes any size)
+      raise ValueError(f"a Swin backbone needs image height and width that are multiples of 32; got "
+                       f"{x.shape[1]}x{x.shape[2]}: pad the images (bottom/right) to the next multiple of "
+                       f"32, as the data pipeline does.")
     x = _PatchEmbed(self.embed_dim, self.patch_size, self.dtype, name="patch_embed")(x.astype(self.dtype))
     rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths)).tolist()  # grows with depth
     out, start = {}, 0
