@@ -13,11 +13,14 @@ then runs the panoptic inference. The crop size and the original size vary per i
 compilation per size (or a host loop); instead both bilinear steps are written as torch's explicit
 2-tap source indices and weights (`bilinear_taps`), computed from the per-image (traced) sizes, onto a
 static canvas at least as large as the original. Composed, the two steps are 4 gathered taps per axis
-applied to the stride-4 map, so the [Q, H, W] padded-size map is never built (about 10x less work than
-resizing twice with dense interpolation matrices). Pixels outside the original extent are masked out of
-every area and cut away on the host. That is exact at the original resolution and compiles once per
-canvas bucket (multiples of 64), so it is both the correct and the fast path; `panoptic_inference(...,
-out_size=...)` without a crop stays for cheap previews at a static size.
+applied to the stride-4 map, so the [Q, H, W] padded-size map is never built. Pixels outside the original
+extent are masked out of every area and cut away on the host. That is exact at the original resolution
+and compiles once per canvas bucket (multiples of 64). Panoptic inference only ever uses the queries that
+pass the class-score test (about 30 of 100 for a trained COCO model), so it resizes only those, one mask
+at a time inside a loop whose trip count is the image's number of kept queries: shapes stay static, one
+compilation serves every count, and the full-resolution work is the kept fraction of all queries (HF's
+post-processing likewise resizes only the kept masks). `panoptic_inference(..., out_size=...)` without a
+crop stays for cheap previews at a static size.
 """
 import functools
 from typing import Optional, Sequence
@@ -44,12 +47,17 @@ def bilinear_taps(in_size, out_len: int, out_size=None):
 
 
 def _apply_taps(x, axis, idx, w):
-  """y[..., i, ...] = sum_t w[i, t] * x[..., idx[i, t], ...] along `axis` (gathers, no dense matrices)."""
-  n, t = idx.shape
-  g = jnp.take(x, idx.reshape(-1), axis=axis)
-  g = g.reshape(g.shape[:axis] + (n, t) + g.shape[axis + 1:])
-  w = w.reshape((n, t) + (1,) * (g.ndim - axis - 2)).astype(x.dtype)
-  return (g * w).sum(axis + 1)
+  """y[..., i, ...] = sum_t w[i, t] * x[..., idx[i, t], ...] along `axis`, no dense matrices.
+
+  One gather per tap, added in tap order: XLA fuses that into one pass, where gathering all taps and
+  reducing over a tap axis ran 10-50x slower on CPU. Indices are in range by construction (clip)."""
+  shape = [1] * x.ndim
+  shape[axis] = idx.shape[0]
+  y = None
+  for t in range(idx.shape[1]):
+    term = jnp.take(x, idx[:, t], axis=axis, mode="clip") * w[:, t].reshape(shape).astype(x.dtype)
+    y = term if y is None else y + term
+  return y
 
 
 def resize_bilinear(x, out_size):
@@ -77,20 +85,30 @@ def _valid(orig_size, canvas):
   return (jnp.arange(canvas[0])[:, None] < orig_size[0]) & (jnp.arange(canvas[1])[None, :] < orig_size[1])
 
 
+def composed_taps(in_size, padded_size, content_size, orig_size, canvas):
+  """Row and column taps (idx, w) [canvas_h or canvas_w, 4] of the two bilinear steps composed: an axis
+  of in_size upsampled to padded_size, cropped to content_size, resized to orig_size (on the canvas)."""
+  out = []
+  for a in range(2):
+    i1, w1 = bilinear_taps(in_size[a], padded_size[a])
+    i2, w2 = bilinear_taps(content_size[a], canvas[a], orig_size[a])
+    out += [i1[i2].reshape(canvas[a], 4), (w2[:, :, None] * w1[i2]).reshape(canvas[a], 4)]
+  return tuple(out)
+
+
 def upsample_crop_resize(x, padded_size, content_size, orig_size, canvas, nonlinearity=None):
   """The original's `F.interpolate(x, padded)[..., :h, :w]` -> `F.interpolate(., orig)`, for [C, h, w].
 
   Without a nonlinearity the two bilinear steps compose into 4 taps per axis, applied to the small map
   directly; with one (applied between the steps, e.g. sigmoid + class mixing for semantic inference) only
   the padded pixels the second step reads are computed. Either way no [C, H, W] map is materialised."""
+  if nonlinearity is None:
+    ri, rw, ci, cw = composed_taps(x.shape[1:], padded_size, content_size, orig_size, canvas)
+    return _apply_taps(_apply_taps(x, 1, ri, rw), 2, ci, cw), _valid(orig_size, canvas)
   r1, rw1 = bilinear_taps(x.shape[1], padded_size[0])
   c1, cw1 = bilinear_taps(x.shape[2], padded_size[1])
   r2, rw2 = bilinear_taps(content_size[0], canvas[0], orig_size[0])
   c2, cw2 = bilinear_taps(content_size[1], canvas[1], orig_size[1])
-  if nonlinearity is None:
-    ri, rw = r1[r2].reshape(canvas[0], 4), (rw2[:, :, None] * rw1[r2]).reshape(canvas[0], 4)
-    ci, cw = c1[c2].reshape(canvas[1], 4), (cw2[:, :, None] * cw1[c2]).reshape(canvas[1], 4)
-    return _apply_taps(_apply_taps(x, 1, ri, rw), 2, ci, cw), _valid(orig_size, canvas)
   rows = r2.reshape(-1)
   cols = c2.reshape(-1)
   y = _apply_taps(_apply_taps(x, 1, r1[rows], rw1[rows]), 2, c1[cols], cw1[cols])  # padded pixels read
@@ -100,19 +118,35 @@ def upsample_crop_resize(x, padded_size, content_size, orig_size, canvas, nonlin
   return y, _valid(orig_size, canvas)
 
 
-def _panoptic_single(logits, masks, valid, is_thing, object_mask_threshold, overlap_threshold, hf_compat):
-  """Original MaskFormer `panoptic_inference` for one image; masks are logits [Q, H, W]."""
+def _panoptic_single(logits, plane, valid, is_thing, object_mask_threshold, overlap_threshold, hf_compat):
+  """Original MaskFormer `panoptic_inference` for one image.
+
+  plane(q) gives query q's mask logits [H, W] at the output resolution (any 2-D layout, shared with valid
+  and the returned map). It is called only for the kept queries, one at a time in query order: the rest
+  cannot win a pixel or make a segment, so the full-resolution work is the kept fraction of the queries,
+  with static shapes (the loop's trip count is the number kept) and no [Q, H, W] map."""
   num_queries, num_classes = logits.shape[0], logits.shape[-1] - 1
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   score, label = probs.max(-1), probs.argmax(-1)
   keep = (label != num_classes) & (score > object_mask_threshold)
-  mask_probs = jax.nn.sigmoid(masks.astype(jnp.float32))
-  weighted = score[:, None, None] * mask_probs
-  ids = jnp.argmax(jnp.where(keep[:, None, None], weighted, -jnp.inf), axis=0)  # [H, W]
+  kept = jnp.nonzero(keep, size=num_queries)[0]  # kept queries first, in query order
+
+  def add_query(i, carry):
+    best, ids, orig_area = carry
+    q = kept[i]
+    mask_probs = jax.nn.sigmoid(plane(q).astype(jnp.float32))
+    weighted = score[q] * mask_probs
+    # HF thresholds the score-weighted probability for the "original area"; the original the plain one.
+    area = (((weighted if hf_compat else mask_probs) >= 0.5) & valid).sum()
+    # Running jnp.argmax over the kept queries: the first maximum wins, and so does the first NaN.
+    better = (weighted > best) | (jnp.isnan(weighted) & ~jnp.isnan(best))
+    return jnp.where(better, weighted, best), jnp.where(better, q, ids), orig_area.at[q].set(area)
+
+  init = (jnp.full(valid.shape, -jnp.inf, jnp.float32), jnp.zeros(valid.shape, jnp.int32),
+          jnp.zeros(num_queries, jnp.int32))
+  _, ids, orig_area = jax.lax.fori_loop(0, keep.sum(), add_query, init)  # [H, W]: 0 if none is kept
   qs = jnp.arange(num_queries)
   mask_area = jnp.bincount(ids.reshape(-1), weights=valid.reshape(-1).astype(jnp.int32), length=num_queries)
-  # HF thresholds the score-weighted probability for the "original area"; the original the plain one.
-  orig_area = (((weighted if hf_compat else mask_probs) >= 0.5) & valid[None]).sum((1, 2))
   ratio = mask_area / jnp.maximum(orig_area, 1)
   # Original: drop if ratio < threshold; HF: keep only if ratio > threshold (differs at equality only).
   big_enough = ratio > overlap_threshold if hf_compat else ratio >= overlap_threshold
@@ -146,7 +180,7 @@ def panoptic_inference(pred_logits, pred_masks, *, is_thing, object_mask_thresho
     valid = jnp.ones((masks.shape[0],) + masks.shape[-2:], bool)
   fn = functools.partial(_panoptic_single, is_thing=is_thing, object_mask_threshold=object_mask_threshold,
                          overlap_threshold=overlap_threshold, hf_compat=hf_compat)
-  return jax.vmap(lambda l, m, v: fn(l, m, v))(pred_logits, masks, valid)
+  return jax.vmap(lambda l, m, v: fn(l, lambda q: m[q], v))(pred_logits, masks, valid)
 
 
 def _semantic_single(logits, masks):
@@ -212,10 +246,15 @@ def _to_original(pred_logits, pred_masks, image_size, orig_size, is_thing, objec
       probs, valid = upsample_crop_resize(masks, padded_size, content, orig, canvas, jax.nn.sigmoid)
       scores = jnp.einsum("qc,qhw->chw", cls, probs)
       return dict(labels=jnp.argmax(scores, axis=0).astype(jnp.int32), valid=valid)
-    resized, valid = upsample_crop_resize(masks, padded_size, content, orig, canvas)
     if task == "panoptic":
-      return _panoptic_single(logits, resized, valid, is_thing, object_mask_threshold, overlap_threshold,
-                              False)
+      ri, rw, ci, cw = composed_taps(masks.shape[1:], padded_size, content, orig, canvas)
+      # Rows, then columns with the map transposed: gathering whole rows rather than along the minor axis
+      # made the whole panoptic step 1.7x faster on CPU. The merge is per pixel, so it runs transposed.
+      plane = lambda q: _apply_taps(_apply_taps(masks[q], 0, ri, rw).T, 0, ci, cw)
+      res = _panoptic_single(logits, plane, _valid(orig, canvas).T, is_thing, object_mask_threshold,
+                             overlap_threshold, False)
+      return dict(res, panoptic=res["panoptic"].T)
+    resized, valid = upsample_crop_resize(masks, padded_size, content, orig, canvas)
     return _instance_single(logits, resized, valid, is_thing if things_only else None,
                             topk or logits.shape[0])
   return jax.lax.map(one, (pred_logits, pred_masks, image_size, orig_size))

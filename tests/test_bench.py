@@ -26,3 +26,20 @@ def test_bench_runs_on_the_tiny_config(capsys):
   out = capsys.readouterr().out
   row = [l for l in out.splitlines() if l.startswith("| float32")][0]
   assert np.isfinite(float(row.split("|")[-2]))  # the loss of the timed step
+
+
+def test_postprocess_bench_core_on_small_inputs(capsys):
+  """The post-processing benchmark at toy size: its outputs have exactly the requested confident queries
+  per image, ours equals HF where the two must agree (checked before timing), and each side gets a row."""
+  from maskformer_jax.bench import postprocess
+  logits, masks = postprocess.make_outputs(np.random.default_rng(0), 2, 20, 9, 6, (12, 16))
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  confident = (probs.argmax(-1) < 9) & (probs.max(-1) > 0.8)
+  assert confident.sum(1).tolist() == [6, 6] and masks.shape == (2, 20, 12, 16)
+  assert all((masks[i, confident[i]] > 0).any(0).mean() > 0.8 for i in range(2))  # their blobs tile the image
+  r = postprocess.main(["--rounds", "1", "--queries", "20", "--classes", "9", "--things", "5",
+                        "--confident", "6", "--padded", "48", "64", "--orig", "30", "40", "--min-size", "48",
+                        "--max-size", "64"])
+  out = capsys.readouterr().out
+  assert r["checked"] > 0 and r["segments"]["ours"] and "| ours |" in out and "| HF |" in out

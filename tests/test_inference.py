@@ -288,3 +288,78 @@ def test_instance_postprocess_to_original_shapes_and_ids():
   for r, (h, w) in zip(res, batch["orig_size"]):
     assert r["masks"].shape[1:] == (h, w) and set(r["category_id"].tolist()) <= thing_ids
     assert len(r["scores"]) == len(r["masks"]) > 0
+
+
+def dense_reference(cls_logits, mask_probs, omt, ot):
+  """Every query's mask probabilities at full resolution and one argmax over all queries (how the panoptic
+  merge was computed before the kept-query loop), then the original's per-query loop; numpy, fed JAX's
+  probabilities so that the two differ only in how the work is organised. Returns (map, classes)."""
+  probs = np.asarray(jax.nn.softmax(cls_logits, axis=-1))
+  score, label = probs.max(-1), probs.argmax(-1)
+  keep = (label != K) & (score > omt)
+  ids = np.where(keep[:, None, None], score[:, None, None] * mask_probs, -np.inf).argmax(0)  # first NaN wins
+  pan, memory, classes = np.zeros(ids.shape, np.int32), {}, []
+  for q in np.flatnonzero(keep):
+    mask, c = ids == q, int(label[q])
+    area, orig_area = mask.sum(), (mask_probs[q] >= 0.5).sum()
+    if area == 0 or orig_area == 0 or area / orig_area < ot:
+      continue
+    if not IS_THING[c] and c in memory:
+      pan[mask] = memory[c]
+      continue
+    classes.append(c)
+    pan[mask] = len(classes)
+    if not IS_THING[c]:
+      memory[c] = len(classes)
+  return pan, classes
+
+
+@pytest.mark.parametrize("case", ["some_kept", "all_kept", "none_kept", "nan_masks"])
+def test_kept_query_loop_equals_one_argmax_over_all_queries(case):
+  """postprocess_to_original resizes only the kept queries, one at a time, keeping a running argmax: the
+  same maps and segments as resizing every query and one argmax over all of them, whether some, all or
+  none of the queries pass the class test, and with NaN mask logits (as jnp.argmax: the first NaN wins)."""
+  logits, masks = random_outputs(seed=21, b=3, q=12, size=(8, 10))  # padded input 32x40
+  omt = 0.3
+  if case == "all_kept":
+    logits[..., K], omt = -50.0, 0.0
+  elif case == "none_kept":
+    logits[..., K] = 50.0
+  elif case == "nan_masks":
+    masks[:, ::3, 2:4, 3:6] = np.nan
+  probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+  kept = ((probs.argmax(-1) != K) & (probs.max(-1) > omt)).sum(1)
+  assert {"all_kept": kept == 12, "none_kept": kept == 0}.get(case, (kept > 0) & (kept < 12)).all()
+  batch = dict(image_size=np.array([[32, 37], [25, 40], [30, 30]]),
+               orig_size=np.array([[20, 23], [50, 80], [30, 30]]))
+  results = inference.postprocess_to_original(dict(pred_logits=logits, pred_masks=masks), batch,
+                                              categories=CATEGORIES, object_mask_threshold=omt,
+                                              overlap_threshold=0.5)
+  resize = jax.jit(inference.upsample_crop_resize, static_argnums=(1, 4))
+  n = 0
+  for i, (pan, seg) in enumerate(results):
+    (h, w), canvas = batch["orig_size"][i], inference.canvas_for(batch["orig_size"])
+    resized, _ = resize(masks[i], (32, 40), batch["image_size"][i], batch["orig_size"][i], canvas)
+    want, classes = dense_reference(logits[i], np.asarray(jax.nn.sigmoid(resized))[:, :h, :w], omt, 0.5)
+    np.testing.assert_array_equal(pan, want)
+    assert [s["category_id"] for s in seg] == [CATEGORIES[c]["id"] for c in classes]
+    n += len(seg)
+  assert (n == 0) == (case == "none_kept")
+
+
+def test_to_original_compiles_once_for_any_number_of_kept_queries():
+  """The loop's trip count is data, not shape: 0, some or all kept queries reuse one compilation."""
+  logits, masks = random_outputs(seed=22, b=2, q=12, size=(8, 10))
+  batch = dict(image_size=np.array([[32, 40], [28, 36]]), orig_size=np.array([[40, 50], [30, 36]]))
+
+  def run(num_candidates):
+    lg = logits.copy()
+    lg[:, num_candidates:, K] = 50.0  # the rest are no-object
+    return inference.postprocess_to_original(dict(pred_logits=lg, pred_masks=masks), batch,
+                                             categories=CATEGORIES, object_mask_threshold=0.3,
+                                             overlap_threshold=0.5)
+  run(5)
+  compiled = inference._to_original._cache_size()
+  assert all(seg == [] for _, seg in run(0))
+  run(1), run(12)
+  assert inference._to_original._cache_size() == compiled
