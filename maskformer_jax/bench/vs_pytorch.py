@@ -7,7 +7,8 @@
 and inference (forward) of the same configuration (R50 with the FPN or the "+6 Enc" pixel decoder) on the
 same inputs, ours and PyTorch alternated round by round; medians, ratios, our XLA compile time and
 FLOPs (XLA cost analysis). `--memory` adds each side's peak resident memory, measured in a child process
-of its own (one process cannot separate two frameworks' allocations).
+of its own that builds and trains only that side (one process cannot separate two frameworks'
+allocations); each figure includes its framework's runtime.
 
 `trajectory`: the same initial weights (ours converted from the torch model), the same batches, dropout
 off: N AdamW steps of each, with the original's optimiser rules decided independently on each side (ours:
@@ -274,10 +275,10 @@ def _timed(fn, pause=1.0):
   return time.perf_counter() - t0
 
 
-def speed(decoder, *, batch, size, rounds, max_instances=100, segments=20, log=print):
-  """Train step and inference forward of ours and torch, alternated; medians (s) and our compile time."""
+def speed(cfg, *, batch, size, rounds, max_instances=100, segments=20, log=print):
+  """Train step and inference forward of ours and torch for our model config `cfg`, alternated; medians
+  (s), our compile times and the train step's XLA FLOPs."""
   import torch
-  cfg = model_config(decoder)
   config = train_config(cfg, batch=batch, size=size, max_instances=max_instances)
   ref = TorchReference.from_config(cfg).train()
   opt, sched = torch_optimizer(ref, config.optim)
@@ -329,30 +330,25 @@ def speed(decoder, *, batch, size, rounds, max_instances=100, segments=20, log=p
   return out
 
 
-def _peak_rss_child(side, decoder, batch, size, steps):
-  """Peak resident memory (GiB) of a child process training `steps` steps on one side only, less its
-  peak after the imports (so each framework's own start-up is not counted). Ours includes the XLA
-  compilation, which is part of what a run needs."""
+def _peak_rss_child(side, cfg, batch, size, steps):
+  """Peak resident memory (GiB) of a child process that builds one side only and trains `steps` steps:
+  its framework's runtime included (and, for ours, the XLA compilation), as a run would need."""
   code = (f"from maskformer_jax.bench.vs_pytorch import _peak_rss_run; "
-          f"_peak_rss_run({side!r}, {decoder!r}, {batch}, {tuple(size)}, {steps})")
+          f"_peak_rss_run({side!r}, {dict(cfg)!r}, {batch}, {tuple(size)}, {steps})")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=3600)
   return float(out.stdout.strip().splitlines()[-1])
 
 
-def _peak_rss_run(side, decoder, batch, size, steps):
-  cfg = model_config(decoder)
+def _peak_rss_run(side, cfg, batch, size, steps):
   config = train_config(cfg, batch=batch, size=size, max_instances=100)
   b = make_batch(np.random.default_rng(0), batch, *size, 100, cfg["num_classes"], 20)
   if side == "torch":
-    import torch  # noqa: F401 (counted in the baseline)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     ref = TorchReference.from_config(cfg).train()
     opt, sched = torch_optimizer(ref, config.optim)
     inputs = torch_inputs(b)
     for _ in range(steps):
       torch_train_step(ref, opt, sched, inputs, 0.01)
   else:
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     model = build_model(config.model)
     mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
     state = ts.init_state(config, model, mesh, jax.random.key(0))
@@ -361,7 +357,7 @@ def _peak_rss_run(side, decoder, batch, size, steps):
     for _ in range(steps):
       state, m = compiled(state, sharded)
       jax.block_until_ready(m)
-  print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**20)
+  print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
 
 def main(argv=None):
@@ -391,10 +387,11 @@ def main(argv=None):
         f"| our compile s (train / infer) | train GFLOP (XLA) |{' peak GiB ours / torch |' if args.memory else ''}")
   print("|---|---|---|---|---|---|---|---|---|" + ("---|" if args.memory else ""))
   for decoder in args.decoder:
-    r = speed(decoder, batch=args.batch, size=args.size, rounds=args.rounds, log=lambda s: print(s, file=sys.stderr))
+    cfg = model_config(decoder)
+    r = speed(cfg, batch=args.batch, size=args.size, rounds=args.rounds, log=lambda s: print(s, file=sys.stderr))
     mem = ""
     if args.memory:
-      mem = " {:.2f} / {:.2f} |".format(*(_peak_rss_child(s, decoder, args.batch, args.size, 2)
+      mem = " {:.2f} / {:.2f} |".format(*(_peak_rss_child(s, cfg, args.batch, args.size, 2)
                                           for s in ("ours", "torch")))
     print(f"| {decoder} | {r['ours_train']:.2f} | {r['torch_train']:.2f} | {r['ours_train'] / r['torch_train']:.2f} "
           f"| {r['ours_infer']:.2f} | {r['torch_infer']:.2f} | {r['ours_infer'] / r['torch_infer']:.2f} "
