@@ -193,6 +193,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.init = i = ml_collections.ConfigDict()
   i.torchvision_resnet = ""  # path to a torchvision ResNet state dict (.pth) for the backbone
+  i.swin_imagenet = ""  # path to an official Swin ImageNet file (.pth) for a Swin backbone
   i.checkpoint = ""  # a converted checkpoint directory (python -m maskformer_jax.convert)
   c.lock()  # a misspelt key fails instead of silently adding a new one
   return c
@@ -323,10 +324,15 @@ def validate(config, *, num_devices: int, num_processes: int):
   if config.eval.batch_size % num_processes:
     errors.append(f"config.eval.batch_size={config.eval.batch_size} is not divisible by the "
                   f"{num_processes} processes: use a multiple of {num_processes}.")
-  for key in ("torchvision_resnet", "checkpoint"):
+  for key in ("torchvision_resnet", "swin_imagenet", "checkpoint"):
     path = config.init[key]
     if path and not path.startswith("gs://") and not os.path.exists(path):
       errors.append(f"config.init.{key}={path!r} does not exist.")
+  for key, backbone, other in (("torchvision_resnet", "resnet", "swin_imagenet"),
+                               ("swin_imagenet", "swin", "torchvision_resnet")):
+    if config.init[key] and config.model.backbone != backbone:
+      errors.append(f"config.init.{key} initialises a {backbone} backbone, not "
+                    f"config.model.backbone={config.model.backbone!r}: use config.init.{other}.")
   if errors:
     raise ValueError("Configuration errors (nothing was compiled):\n  - " + "\n  - ".join(errors))
   return data_axis, model_axis
