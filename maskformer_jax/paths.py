@@ -7,7 +7,7 @@ the paths it is given here, against the directory it was started from, before an
 import os
 
 # Config keys that hold paths (data.root is also the TFDS data_dir).
-CONFIG_PATHS = (("data", "root"), ("init", "checkpoint"), ("init", "torchvision_resnet"))
+CONFIG_PATHS = (("data", "root"), ("init", "checkpoint"), ("init", "torchvision_resnet"), ("init", "swin_imagenet"))
 
 
 def is_remote(path) -> bool:

@@ -218,3 +218,30 @@ def test_config_init_swin_imagenet_is_validated(tmp_path):
   swin.init.swin_imagenet, swin.init.torchvision_resnet = "", str(tmp_path / "swin.pth")
   with pytest.raises(ValueError, match=r"use config\.init\.swin_imagenet"):
     config_lib.validate(swin, num_devices=4, num_processes=1)
+
+
+def test_train_state_starts_from_the_file_through_config_init(tmp_path):
+  """config.init.swin_imagenet -> load_pretrained: the backbone from the file (output norms kept),
+  everything else as initialised."""
+  from maskformer_jax import sharding
+  from maskformer_jax import train_step as ts
+  from maskformer_jax.convert import load_pretrained
+  c = config_lib.load_config(f"{ROOT}/configs/coco_panoptic.py:backbone=swin_t,runlocal")
+  c.mesh.data = 1
+  m = c.model
+  sd = official_state_dict(make_hf(m.swin_embed_dim, m.swin_depths, m.swin_num_heads, m.swin_window_size))
+  torch.save({"model": sd}, tmp_path / "swin.pth")
+  c.init.swin_imagenet = str(tmp_path / "swin.pth")
+  model = build_model(c.model)
+  mesh = sharding.make_mesh(c.mesh, devices=jax.devices()[:1])
+  state = ts.init_state(c, model, mesh, jax.random.key(0))
+  before = jax.device_get(state["params"])
+  after = jax.device_get(load_pretrained(c, state)["params"])
+  bb = after["backbone"]
+  np.testing.assert_array_equal(bb["patch_embed"]["proj"]["kernel"],
+                                sd["patch_embed.proj.weight"].numpy().transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(bb["layers_1"]["blocks_1"]["attn"]["qkv"]["kernel"],
+                                sd["layers.1.blocks.1.attn.qkv.weight"].numpy().T)
+  np.testing.assert_array_equal(bb["norm3"]["scale"], before["backbone"]["norm3"]["scale"])
+  for top in ("pixel_decoder", "transformer_decoder", "class_embed"):
+    jax.tree.map(np.testing.assert_array_equal, after[top], before[top])

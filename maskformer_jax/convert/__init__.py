@@ -23,6 +23,7 @@ import numpy as np
 from maskformer_jax.convert.detectron2 import (D2_IGNORED, from_detectron2, normalise, read_detectron2,
                                                 to_detectron2)
 from maskformer_jax.convert.hf import from_hf, model_config_from_hf
+from maskformer_jax.convert.swin_imagenet import load_swin_imagenet
 from maskformer_jax.convert.torchvision import load_torchvision_resnet
 
 VARIABLES_FILE = "variables.msgpack"
@@ -101,8 +102,9 @@ def load_converted(ckpt_dir) -> tuple[dict, dict]:
 
 
 def load_pretrained(config, state):
-  """The train state with its initial weights from config.init (a converted checkpoint, or a torchvision
-  ResNet for the backbone); unchanged when neither is set."""
+  """The train state with its initial weights from config.init (a converted checkpoint, or ImageNet
+  weights for the backbone: a torchvision ResNet or an official Swin release file); unchanged when none
+  is set."""
   if config.init.checkpoint:
     _, variables = load_converted(config.init.checkpoint)
     return merge_variables(state, variables, what=config.init.checkpoint)
@@ -110,6 +112,9 @@ def load_pretrained(config, state):
     ours = jax.device_get({col: state[col] for col in ("params", "batch_stats") if state.get(col)})
     variables = load_torchvision_resnet(config.init.torchvision_resnet, ours)
     return merge_variables(state, variables, what=config.init.torchvision_resnet)
+  if config.init.swin_imagenet:
+    variables = load_swin_imagenet(config.init.swin_imagenet, jax.device_get({"params": state["params"]}))
+    return merge_variables(state, variables, what=config.init.swin_imagenet)
   return state
 
 
@@ -134,5 +139,5 @@ def merge_variables(state, variables, *, what):
 
 
 __all__ = ["from_hf", "model_config_from_hf", "from_detectron2", "read_detectron2", "to_detectron2",
-           "load_torchvision_resnet", "save_converted", "load_converted", "load_pretrained", "merge_variables",
-           "provenance", "check_detectron2_roundtrip"]
+           "load_torchvision_resnet", "load_swin_imagenet", "save_converted", "load_converted",
+           "load_pretrained", "merge_variables", "provenance", "check_detectron2_roundtrip"]

@@ -23,6 +23,7 @@ import flax
 import numpy as np
 
 from maskformer_jax.convert.hf import _BN, _LN, _to_numpy, abstract_variables, convert_state_dict
+from maskformer_jax.convert.swin_imagenet import swin_key
 from maskformer_jax.models import build_model
 
 HEAD = "sem_seg_head."
@@ -60,16 +61,6 @@ def _resnet_key(path) -> tuple[str, str]:
   return base + "norm." + _BN[leaf], ""
 
 
-def _swin_key(path) -> tuple[str, str]:
-  """Our Swin leaves carry the official Swin names, with `layers_s` / `blocks_b` for `layers.s` /
-  `blocks.b`; MaskFormer's stage output norms are `backbone.norm{s}`."""
-  *mods, leaf = path
-  base = "backbone." + ".".join(re.sub(r"^(layers|blocks)_(\d+)$", r"\1.\2", m) for m in mods) + "."
-  if leaf == "relative_position_bias_table":
-    return base + leaf, ""
-  return _param(leaf, base, "conv" if mods[0] == "patch_embed" else "linear")
-
-
 def _attn_layer_key(path, base: str, kind: str) -> tuple[str, str]:
   """Our encoder / decoder layer leaves -> torch nn.TransformerEncoderLayer / DecoderLayer names."""
   sub, *rest = path
@@ -90,7 +81,10 @@ def d2_key(path: tuple[str, ...]) -> tuple[str, str]:
   """(the original's state-dict key, transform) for one of our leaves (current key layout)."""
   top, *rest = path
   if top == "backbone":
-    return _resnet_key(rest) if rest[0].startswith(("stem", "res")) else _swin_key(rest)
+    if rest[0].startswith(("stem", "res")):
+      return _resnet_key(rest)
+    key, transform = swin_key(tuple(rest))  # the official Swin names; MaskFormer's norm{s} included
+    return "backbone." + key, transform
   if top == "pixel_decoder":
     mod, *rest = rest
     if mod in _FPN:
