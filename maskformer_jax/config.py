@@ -144,7 +144,16 @@ def base_config() -> ml_collections.ConfigDict:
   d.val_split = "val2017"
   d.recipe = "coco_detr"  # "coco_detr", "coco_detr_max1000" (Swin-L), "lsj", "ade20k"
   d.image_size = (1344, 1344)  # static (H, W) training canvas; the DETR recipe's longest edge 1333, padded
-  d.eval_size = (800, 1344)  # static (H, W) eval images are padded to (multiples of 32)
+  # Evaluation and predict run each image at its test size (eval_min_size / eval_max_size, as the
+  # original at batch 1) on a canvas of that size rounded up to eval_size_divisibility: one compilation
+  # per distinct canvas (COCO's images, longest side 640: at most 57 at 32, 29 at 64). 0 = exactly the
+  # test size, the original's COCO panoptic SIZE_DIVISIBILITY (one compilation per distinct size, up to
+  # ~880 on COCO; ResNet only); a larger multiple of 32 means fewer compilations and more padding.
+  # eval_buckets False: every image on the one canvas eval_size (one compilation; padding changes the
+  # predictions, and images that do not fit are shrunk: counted and logged).
+  d.eval_buckets = True
+  d.eval_size_divisibility = 32
+  d.eval_size = (800, 1344)  # static (H, W) canvas when eval_buckets is False (multiples of 32)
   d.eval_min_size = 800
   d.eval_max_size = 1333
   d.max_instances = 100  # M: segment slots per image
@@ -296,6 +305,13 @@ def validate(config, *, num_devices: int, num_processes: int):
     if len(size) != 2 or any(int(s) % 32 for s in size):
       errors.append(f"config.data.{key}={size} must be (H, W) with multiples of 32 (the backbone's "
                     f"stride), e.g. {tuple(max(32, int(math.ceil(s / 32)) * 32) for s in size)}.")
+  div = config.data.eval_size_divisibility
+  if int(div) < 0 or int(div) % 32:
+    errors.append(f"config.data.eval_size_divisibility={div} must be 0 (each image at exactly its test "
+                  f"size) or a multiple of 32 (the backbone's stride), e.g. 32.")
+  elif int(div) == 0 and config.data.eval_buckets and config.model.backbone == "swin":
+    errors.append("config.data.eval_size_divisibility=0 evaluates at sizes that are not multiples of 32, "
+                  "which the Swin backbone does not accept: use a multiple of 32 (e.g. 32).")
   errors += _evals_errors(config)
 
   # The mesh and the batch split over it.

@@ -4,8 +4,9 @@ What `python -m maskformer_jax.predict` runs. Writes, per image, OUT/panoptic/<s
 R + 256 G + 256^2 B) and OUT/overlays/<stem>.png (the image with coloured segments and outlines), and
 OUT/predictions.json holding every image's `segments_info` with the dataset's original category ids
 (the COCO panoptic results format, `annotations` list). Images go through the evaluation resize
-(config.data.eval_min_size / eval_max_size, padded to config.data.eval_size) and the result is
-returned at the original resolution.
+(config.data.eval_min_size / eval_max_size) onto the evaluation's canvas (pipeline.eval_canvas: the
+image's own test size rounded up to data.eval_size_divisibility, or data.eval_size), batched by canvas,
+and the result is returned at the original resolution.
 """
 import itertools
 import json
@@ -21,7 +22,8 @@ from maskformer_jax import train_step as train_step_lib
 from maskformer_jax import visualize
 from maskformer_jax.data import pipeline
 from maskformer_jax.data import transforms
-from maskformer_jax.data.coco_panoptic import BadInputPolicy, as_bad_input, decode_rgb, read_bytes
+from maskformer_jax.data.coco_panoptic import (BadInputPolicy, as_bad_input, decode_rgb, header_size,
+                                               read_bytes)
 from maskformer_jax.evaluation import id2rgb
 
 
@@ -45,7 +47,8 @@ def prepare(path, config, max_instances, num_classes):
   image = decode_rgb(read_bytes(path), path)
   ex = {"image": image, "segments": np.full(image.shape[:2], -1, np.int32),
         "seg_labels": np.zeros((0,), np.int32), "image_id": 0}
-  out, _ = transforms.eval_example(ex, canvas=config.data.eval_size, min_size=config.data.eval_min_size,
+  canvas = pipeline.eval_canvas(config.data, image.shape[:2])
+  out, _ = transforms.eval_example(ex, canvas=canvas, min_size=config.data.eval_min_size,
                                    max_size=config.data.eval_max_size, max_instances=max_instances,
                                    num_classes=num_classes)
   return out, image
@@ -62,37 +65,49 @@ def predict(config, state, model, mesh, image_paths, out_dir, categories):
   os.makedirs(os.path.join(out_dir, "panoptic"), exist_ok=True)
   os.makedirs(os.path.join(out_dir, "overlays"), exist_ok=True)
   k, m, bs = config.model.num_classes, config.data.max_instances, config.eval.batch_size
-  annotations, skipped = [], []
+  annotations, skipped = {}, []
+  order = list(range(len(image_paths)))
+  if config.data.eval_buckets:  # images of one canvas together (sizes from the headers): whole batches
+    canvases = [pipeline.eval_canvas(config.data, header_size(p)) for p in image_paths]
+    order.sort(key=lambda i: canvases[i])
 
-  def prepared():  # (path, example, image) of each readable file, in order
-    for p in image_paths:
+  def prepared():  # (position, path, example, image) of each readable file, grouped by canvas
+    for i in order:
+      p = image_paths[i]
       try:
-        yield (p, *prepare(p, config, m, k))
+        yield (i, p, *prepare(p, config, m, k))
       except Exception as e:  # not BaseException: an interrupt stops the run
         err = as_bad_input(e, [p])
         policy(err, 0)  # raises under 'raise'; logs and counts under 'skip'
         skipped.append({"file": p, "error": str(err)})
 
-  ready = prepared()
-  while chunk := list(itertools.islice(ready, bs)):
-    chunk, examples, images = zip(*chunk)
+  def same_canvas_batches(items):  # up to bs consecutive examples of one canvas
+    for _, group in itertools.groupby(items, key=lambda item: item[2]["image"].shape):
+      while chunk := list(itertools.islice(group, bs)):
+        yield chunk
+
+  for chunk in same_canvas_batches(prepared()):
+    positions, chunk, examples, images = zip(*chunk)
     examples = list(examples) + [examples[-1]] * (bs - len(chunk))  # fill the static batch
     batch = {key: np.stack([e[key] for e in examples]) for key in examples[0]}
     batch["image_id"] = np.where(np.arange(bs) < len(chunk), 0, -1).astype(np.int32)
     outputs = jax.device_get(eval_step(state, train_step_lib.shard_batch(batch, mesh)))
     results = inference.postprocess_to_original(
-        outputs, batch, categories=categories, task="panoptic",
+        outputs, batch, categories=categories, task="panoptic", padded_size=batch["image"].shape[1:3],
         object_mask_threshold=config.eval.object_mask_threshold,
         overlap_threshold=config.eval.overlap_threshold)
-    for path, image, (id_map, segments_info) in zip(chunk, images, results):
+    for position, path, image, (id_map, segments_info) in zip(positions, chunk, images, results):
       stem = os.path.splitext(os.path.basename(path))[0]
       Image.fromarray(id2rgb(id_map)).save(os.path.join(out_dir, "panoptic", stem + ".png"))
       Image.fromarray(visualize.overlay(image, id_map, segments_info, categories)).save(
           os.path.join(out_dir, "overlays", stem + ".png"))
-      annotations.append({"image_id": int(stem) if stem.isdigit() else stem,  # COCO files: the id
-                          "file_name": stem + ".png", "image_file": os.path.basename(path),
-                          "segments_info": [{k2: s[k2] for k2 in ("id", "category_id", "isthing", "score",
-                                                                  "area")} for s in segments_info]})
+      annotations[position] = {"image_id": int(stem) if stem.isdigit() else stem,  # COCO files: the id
+                               "file_name": stem + ".png", "image_file": os.path.basename(path),
+                               "segments_info": [{k2: s[k2] for k2 in ("id", "category_id", "isthing",
+                                                                       "score", "area")}
+                                                 for s in segments_info]}
+  annotations = [annotations[i] for i in sorted(annotations)]  # in the order of image_paths
+  skipped.sort(key=lambda s: image_paths.index(s["file"]))
   if skipped:
     logging.warning("%d of %d images skipped as bad input (data.bad_input=skip): %s", len(skipped),
                     len(image_paths), ", ".join(s["file"] for s in skipped))

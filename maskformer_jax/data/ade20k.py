@@ -13,7 +13,8 @@ from etils import epath
 from PIL import Image
 
 from maskformer_jax.data.coco_panoptic import (BadInputError, BadInputPolicy, as_bad_input,
-                                               check_not_empty, decode_rgb, describe, read_bytes)
+                                               check_not_empty, decode_rgb, describe, header_sizes,
+                                               read_bytes)
 
 CLASSES = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
@@ -73,6 +74,7 @@ class Ade20kSource:
     self.categories = [{"id": i + 1, "name": n, "isthing": 0, "contiguous_id": i}
                        for i, n in enumerate(CLASSES)]
     self.is_thing = np.zeros(len(CLASSES), bool)
+    self._sizes = None  # image_sizes(), on first use
 
   def __len__(self):
     return len(self._stems)
@@ -86,6 +88,13 @@ class Ade20kSource:
 
   def image_path(self, index):
     return self.root / "images" / self.split / self._exts[self._stems[index]]
+
+  def image_sizes(self):
+    """(h, w) of every image, int32 [N, 2], read once from the file headers ((0, 0) if unreadable):
+    evaluation buckets images by size before decoding them."""
+    if self._sizes is None:
+      self._sizes = header_sizes([self.image_path(i) for i in range(len(self))], repr(self))
+    return self._sizes
 
   def label_path(self, index):
     return self.root / "annotations" / self.split / (self._stems[index] + ".png")

@@ -166,6 +166,31 @@ def index_segments(idmap, seg_ids, path):
   return lut[np.where(found & ~void, pos, len(sorted_ids))]
 
 
+def header_size(path_or_bytes):
+  """(h, w) of an image from its header alone (PIL reads a few KB and decodes nothing); (0, 0) when it
+  cannot be read (the example will be reported as bad input when decoded)."""
+  try:
+    f = (io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes)
+         else epath.Path(path_or_bytes).open("rb"))
+    with f, Image.open(f) as img:
+      return img.size[1], img.size[0]
+  except Exception:  # whatever PIL or the storage raises: unknown size
+    return 0, 0
+
+
+def header_sizes(paths, what):
+  """header_size of every file, on a few threads (remote reads wait on I/O); logged with the time taken,
+  so the cost of sizing a split for evaluation buckets is visible."""
+  import concurrent.futures
+  import time
+  t = time.time()
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    sizes = np.array(list(pool.map(header_size, paths)), np.int32).reshape(-1, 2)
+  log.info("read the sizes of %d images of %s from their headers in %.1f s", len(sizes), what,
+           time.time() - t)
+  return sizes
+
+
 class _Malformed(Exception):
   """One annotation row that cannot be used; the message says which field is wrong."""
 
@@ -317,6 +342,7 @@ class CocoPanopticSource:
     self._image_files = [f for _, f, _ in images]
     self._png_files = [png for png, _ in rows]
     self._sizes = np.array([s for _, _, s in images], np.int32).reshape(-1, 2)
+    self._header_sizes = None  # image_sizes(), on first use
     # Segment tables as flat arrays + offsets: cheap to pickle into every worker process.
     self._offsets = np.cumsum([0] + [len(segs) for _, segs in rows])
     flat = np.array([t for _, segs in rows for t in segs], np.int64).reshape(-1, 4)
@@ -342,6 +368,17 @@ class CocoPanopticSource:
   def files(self, index):
     """The files one example is read from, to name in an error."""
     return [self.image_path(index)] + ([self.png_path(index)] if self._png_files[index] else [])
+
+  def image_sizes(self):
+    """(h, w) of every original image, int32 [N, 2]: the JSON's height / width, a header read where the
+    JSON has none, (0, 0) where unknown. Evaluation buckets images by size before decoding them."""
+    if self._header_sizes is None:
+      sizes = self._sizes.copy()
+      missing = np.flatnonzero((sizes <= 0).any(1))
+      if len(missing):
+        sizes[missing] = header_sizes([self.image_path(i) for i in missing], repr(self))
+      self._header_sizes = sizes
+    return self._header_sizes
 
   def check_row(self, index):
     """Raises BadInputError if the image's annotation rows are malformed or missing."""

@@ -8,10 +8,12 @@ read undecoded (`SkipDecoding`) and decoded like the files of the COCO source, s
 the same way. TFDS labels are already contiguous (the 133 panoptic categories in id order: 80 things,
 then 53 stuff); the original ids are restored from the COCO panoptic category list below.
 """
+import logging
+
 import numpy as np
 
 from maskformer_jax.data.coco_panoptic import (BadInputError, BadInputPolicy, as_bad_input,
-                                               decode_rgb, index_segments, rgb_to_id)
+                                               decode_rgb, header_size, index_segments, rgb_to_id)
 
 NAME = "coco/2017_panoptic"
 SPLITS = {"train2017": "train", "val2017": "validation"}
@@ -20,6 +22,7 @@ STUFF_IDS = [92, 93, 95, 100, 107, 109, 112, 118, 119, 122, 125, 128, 130, 133, 
              147, 148, 149, 151, 154, 155, 156, 159, 161, 166, 168, 171, 175, 176, 177, 178, 180, 181,
              184, 185, 186, 187, 188, 189, 190, 191, 192, 193, 194, 195, 196, 197, 198, 199, 200]
 assert len(THING_IDS) == 80 and len(STUFF_IDS) == 53
+log = logging.getLogger("maskformer_jax.data")
 
 
 def _skip_decoders():
@@ -89,6 +92,7 @@ class TfdsCocoPanopticSource:
                        for i, cid in enumerate(THING_IDS + STUFF_IDS)]
     self.is_thing = np.arange(133) < 80
     self._index = None
+    self._sizes = None  # image_sizes(), on first use
 
   def __len__(self):
     return len(self._src)
@@ -146,6 +150,22 @@ class TfdsCocoPanopticSource:
       return self.convert(rec, index)
     except Exception as e:  # not BaseException: an interrupt stops the run
       return self.policy(as_bad_input(e, [self._name(rec, index)]), _image_id(rec))
+
+  def image_sizes(self):
+    """(h, w) of every record's image, int32 [N, 2], from the encoded image's header ((0, 0) if
+    unreadable): one pass over the records, once, so that evaluation can bucket images by size."""
+    if self._sizes is None:
+      import time
+      t, sizes = time.time(), []
+      for i in range(len(self)):
+        try:
+          sizes.append(header_size(_bytes(self._src[i]["image"])))
+        except Exception:  # an unreadable record: skipped as bad input when decoded
+          sizes.append((0, 0))
+      self._sizes = np.array(sizes, np.int32).reshape(-1, 2)
+      log.info("read the sizes of %d images of %r from their headers in %.1f s", len(self), self,
+               time.time() - t)
+    return self._sizes
 
   def ground_truth(self, image_id):
     if self._index is None:  # one pass over the split, on first use

@@ -6,6 +6,10 @@
 
 Every process evaluates its shard of the split at the original image resolution; the accumulators are
 summed over the processes, so a row is the dataset-level metric, never a mean of per-batch numbers.
+Images run on per-size canvases (data.eval_buckets, pipeline.eval_plan): each at its test size rounded
+up to data.eval_size_divisibility, never shrunk, as the original evaluates one image at a time; the
+eval step compiles once per canvas, and since no layer mixes images at inference a result does not
+depend on the batch it ran in.
 The host-side work (post-processing at the original size, the accumulator) runs on a worker thread, so
 the device computes the next batch meanwhile; results are consumed in order, so the metric is the same
 number as a sequential loop's.
@@ -62,9 +66,10 @@ def run_loop(config, ev, state, mesh, eval_step, source, *, task, consume) -> in
   Returns the number of examples evaluated over all processes. `result` is what
   inference.postprocess_to_original gives for `task` at the image's original resolution.
   """
+  plan = pipeline.eval_plan(config, source, int(ev.max_examples))
   loader = pipeline.make_loader(config, split(config, ev), train=False, seed=config.seed, source=source,
                                 shard_index=jax.process_index(), shard_count=jax.process_count(),
-                                max_examples=int(ev.max_examples))
+                                plan=plan)
   work, failed, count = queue.Queue(maxsize=2), [], [0]
 
   def worker():
@@ -75,6 +80,7 @@ def run_loop(config, ev, state, mesh, eval_step, source, *, task, consume) -> in
       try:
         results = inference.postprocess_to_original(
             host_local(outputs, mesh), batch, categories=source.categories, task=task,
+            padded_size=batch["image"].shape[1:3],  # the canvas (4 x the mask size only on the 4-grid)
             object_mask_threshold=config.eval.object_mask_threshold,
             overlap_threshold=config.eval.overlap_threshold)
         for i, (image_id, result) in enumerate(zip(np.asarray(batch["image_id"]), results)):
