@@ -357,7 +357,17 @@ def _peak_rss_run(side, cfg, batch, size, steps):
     for _ in range(steps):
       state, m = compiled(state, sharded)
       jax.block_until_ready(m)
-  print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+  print(_peak_rss_gib())
+
+
+def _peak_rss_gib():
+  """This process's peak resident memory: VmHWM of its own address space. (getrusage's ru_maxrss is
+  kept across fork and exec on Linux, so a child started from a large parent reports the parent's.)"""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 2**20  # kB -> GiB
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # not Linux
 
 
 def main(argv=None):
