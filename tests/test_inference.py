@@ -102,6 +102,21 @@ def test_upsample_crop_resize_matches_torch(content, orig):
   np.testing.assert_allclose(np.asarray(y)[:, :orig[0], :orig[1]], want, atol=2e-6)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_composed_taps_match_torch_on_random_geometry(seed):
+  """The two steps' taps composed (3 merged taps per axis when the first step upsamples, 4 otherwise)
+  against torch's two resizes, for random mask, padded, content and original sizes."""
+  rng = np.random.default_rng(seed)
+  small = rng.integers(3, 12, size=2)
+  padded = tuple(max(1, int(s * rng.choice([0.5, 1.0, 2.5, 4.0]))) for s in small)
+  content = tuple(int(rng.integers(1, p + 1)) for p in padded)
+  orig = tuple(int(v) for v in rng.integers(1, 60, size=2))
+  x = rng.normal(size=(2, *small)).astype(np.float32)
+  want = torch_to_original(x, padded, content, orig)
+  y, _ = inference.upsample_crop_resize(x, padded, np.array(content), np.array(orig), (64, 64))
+  np.testing.assert_allclose(np.asarray(y)[:, :orig[0], :orig[1]], want, atol=2e-5)
+
+
 @pytest.mark.parametrize("omt,ot", [(0.8, 0.8), (0.3, 0.5)])
 def test_panoptic_matches_original_loop(omt, ot):
   logits, masks = random_outputs(seed=int(omt * 10 + ot * 100))

@@ -7,8 +7,11 @@ Ours is `inference.postprocess_to_original` (the original's order: mask logits u
 input, content cropped, resized to the original size, then the panoptic merge), timed after compilation;
 HF is `MaskFormerImageProcessor.post_process_panoptic_segmentation` with `target_sizes` (the kept
 queries' mask probabilities resized straight to the original size) and the same thresholds. Each side
-gets its natural input (numpy for ours, as the evaluation hands it over; torch tensors for HF) and the
-two alternate round by round; the table gives medians and the median of the per-round ratios.
+gets its natural input (ours numpy from `jax.device_get`, as the evaluation hands it over; HF torch
+tensors) and the two alternate round by round; the table gives medians and ratios. HF runs with one
+torch thread by default: with torch's two, HF's time on the shared 2-core VM swung from 0.09 to 1.8
+s/image with the other jobs' load (its threads wait on each other whenever one is descheduled), with one
+it is steady. `--only ours` / `--only HF` time one side alone, to run each in its own process.
 `--baseline REV` adds ours as it was at a git revision (its inference.py loaded from git), for a
 before/after in the same run, after checking that both give the same maps and segments.
 
@@ -128,16 +131,20 @@ def run(args):
   from transformers import MaskFormerImageProcessor
   from transformers.models.maskformer.modeling_maskformer import MaskFormerForInstanceSegmentationOutput
 
+  if args.torch_threads:
+    torch.set_num_threads(args.torch_threads)
   orig = np.asarray(args.orig, np.int32).reshape(-1, 2)
   orig = orig[np.arange(args.batch) % len(orig)]
   mask_size = (args.padded[0] // 4, args.padded[1] // 4)
   logits, masks = make_outputs(np.random.default_rng(args.seed), args.batch, args.queries, args.classes,
                                args.confident, mask_size)
+  out = MaskFormerForInstanceSegmentationOutput(class_queries_logits=torch.from_numpy(logits),
+                                                masks_queries_logits=torch.from_numpy(masks))
+  # Ours as the evaluation hands them over: numpy from jax.device_get of the eval step's outputs.
+  logits, masks = jax.device_get((jax.device_put(logits), jax.device_put(masks)))
   batch = dict(image_size=coco_geometry(orig, args.min_size, args.max_size), orig_size=orig,
                image_id=np.arange(1, args.batch + 1, dtype=np.int32))
   categories = [dict(id=k + 1, isthing=int(k < args.things), contiguous_id=k) for k in range(args.classes)]
-  out = MaskFormerForInstanceSegmentationOutput(class_queries_logits=torch.from_numpy(logits),
-                                                masks_queries_logits=torch.from_numpy(masks))
   processor = MaskFormerImageProcessor()
   checked = check_against_hf(logits, masks, processor, out, args)
 
@@ -150,13 +157,15 @@ def run(args):
   if args.baseline:
     variants[f"ours at {args.baseline}"] = ours_with(baseline_module(args.baseline))
   variants["HF"] = lambda: hf_postprocess(processor, out, args, [tuple(map(int, s)) for s in orig])
+  if args.only:  # one side alone in this process: nothing of the other's thread pool competes with it
+    variants = {k: v for k, v in variants.items() if (k == "HF") == (args.only == "HF")}
   segments, first = {}, {}
   for name, fn in variants.items():  # compile, warm up, count segments
     t0 = time.perf_counter()
     res = fn()
     first[name] = time.perf_counter() - t0
     segments[name] = [len(r[1]) if isinstance(r, tuple) else len(r["segments_info"]) for r in res]
-  if args.baseline:  # the change must not move a pixel
+  if args.baseline and "ours" in variants:  # the change must not move a pixel
     for a, b in zip(variants["ours"](), variants[f"ours at {args.baseline}"]()):
       np.testing.assert_array_equal(a[0], b[0])
       assert a[1] == b[1]
@@ -171,13 +180,16 @@ def run(args):
 
 
 def table(result):
-  hf = np.asarray(result["times"]["HF"])
-  lines = ["| variant | s/image (median) | HF / variant (median of per-round ratios) | first call s "
-           "| segments per image |", "|---|---|---|---|---|"]
+  """Markdown rows: median seconds per image and HF's time over each variant's (> 1: faster than HF), as
+  the ratio of the medians and as the median of the per-round ratios (steadier when the load drifts)."""
+  hf = np.asarray(result["times"].get("HF", np.nan))
+  lines = ["| variant | s/image (median) | HF / variant (medians) | HF / variant (per round) | first call s "
+           "| segments per image |", "|---|---|---|---|---|---|"]
   for name, t in result["times"].items():
     t = np.asarray(t)
-    lines.append(f"| {name} | {np.median(t):.3f} | {np.median(hf / t):.2f} | {result['first'][name]:.1f} "
-                 f"| {', '.join(map(str, result['segments'][name]))} |")
+    lines.append(f"| {name} | {np.median(t):.3f} | {np.median(hf) / np.median(t):.2f} | "
+                 f"{np.median(hf / t):.2f} | {result['first'][name]:.1f} | "
+                 f"{', '.join(map(str, result['segments'][name]))} |")
   return "\n".join(lines)
 
 
@@ -197,6 +209,9 @@ def main(argv=None):
   p.add_argument("--overlap", type=float, default=0.8, help="overlap threshold (both sides)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--baseline", default=None, help="also time inference.py at this git revision")
+  p.add_argument("--torch-threads", type=int, default=1,
+                 help="HF's torch threads (0: torch's default; see above why 1)")
+  p.add_argument("--only", choices=["ours", "HF"], help="time one side alone (run each in its own process)")
   args = p.parse_args(argv)
   r = run(args)
   print(f"\n{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, load average "
