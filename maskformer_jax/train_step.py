@@ -128,8 +128,12 @@ def make_train_step(config, model, mesh, shardings=None):
           body, (zeros, zero_terms, state["batch_stats"]), (micro, jnp.arange(accum)))
       loss = terms["loss"]
 
-    finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
-        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    # Any non-finite gradient makes the global norm non-finite (as does a norm whose square overflows,
+    # a step AdamW could not apply either). One scalar behind a barrier: a per-leaf isfinite reduced
+    # over ~300 leaves was fused into each of the ~900 selects below, 180k HLO ops and most of the
+    # step's compile time on CPU (docs/benchmarks.md, issue #12).
+    grad_norm = optax.tree.norm(grads)
+    finite = jax.lax.optimization_barrier(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
@@ -144,7 +148,7 @@ def make_train_step(config, model, mesh, shardings=None):
     }
     one = jnp.ones((), jnp.float32)
     metrics = {k: (v.astype(jnp.float32), one) for k, v in terms.items()}
-    metrics["grad_norm"] = (optax.tree.norm(grads), one)
+    metrics["grad_norm"] = (grad_norm, one)
     metrics["learning_rate"] = (lr_fn(state["step"] - state["skipped"]).astype(jnp.float32), one)
     metrics["skipped"] = (skipped.astype(jnp.float32), one)
     metrics["num_masks"] = (jnp.sum(batch["valid"]).astype(jnp.float32), one)
