@@ -98,6 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.dropout = 0.1
   m.enforce_input_proj = False
   m.num_classes = 133  # K; the no-object class is index K
+  # Rematerialisation: recompute the activations of each backbone block and transformer layer in the
+  # backward pass instead of keeping them (less memory, ~1 more forward of compute; docs/benchmarks.md).
+  m.remat = False
   m.dtype = "float32"  # compute dtype: "float32" or "bfloat16"; parameters stay float32
 
   c.loss = l = ml_collections.ConfigDict()

@@ -240,3 +240,34 @@ def test_bfloat16_forward_is_finite_and_close_to_float32():
     assert np.abs(a - b).max() <= 0.1 * scale, (key, np.abs(a - b).max(), scale)
     assert np.abs(a - b).mean() <= 0.02 * scale, (key, np.abs(a - b).mean(), scale)
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] >= 0.995, key
+
+
+@pytest.mark.parametrize("backbone", ["resnet", "swin"])
+def test_remat_keeps_names_outputs_and_gradients(backbone):
+  """config.model.remat recomputes activations in the backward pass: the same variables (so
+  checkpoints and converters are unaffected), and the same outputs and gradients in train mode."""
+  overrides = dict(pixel_decoder="transformer_encoder", backbone_norm="frozen_bn", dropout=0.0)
+  if backbone == "swin":  # a tiny Swin: 2 blocks in the first stage, window 2 with a shift
+    overrides.update(backbone="swin", swin_embed_dim=16, swin_depths=(2, 1, 1, 1),
+                     swin_num_heads=(1, 1, 1, 1), swin_window_size=2, drop_path_rate=0.0)
+  plain, remat = build_model(tiny(**overrides)), build_model(tiny(remat=True, **overrides))
+  variables = host_variables(plain)
+  assert (jax.tree.map(jnp.shape, jax.eval_shape(remat.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+          == jax.tree.map(jnp.shape, variables))
+  x = images(h=64, w=64)
+
+  def loss(params, model):
+    out = model.apply({**variables, "params": params}, x, train=True)
+    return jnp.sum(out["pred_masks"] ** 2) + sum(jnp.sum(a["pred_logits"]) for a in out["aux_outputs"])
+
+  grad_plain = jax.jit(jax.grad(functools.partial(loss, model=plain)))(variables["params"])
+  fn = jax.jit(jax.grad(functools.partial(loss, model=remat)))
+  assert "remat" in str(jax.make_jaxpr(fn)(variables["params"]))  # the recomputation is really there
+  grad_remat = fn(variables["params"])
+  flat_p, flat_r = flatten_dict(grad_plain, sep="/"), flatten_dict(grad_remat, sep="/")
+  assert flat_p.keys() == flat_r.keys()
+  scale = max(float(np.abs(g).max()) for g in flat_p.values())
+  for k in flat_p:  # per leaf, relative to its norm; gradients that are 0 in exact arithmetic (e.g. a key
+    # bias under softmax) are float noise on both sides, held to the whole gradient's scale
+    diff = float(np.linalg.norm(flat_r[k] - flat_p[k]))
+    assert diff <= 1e-4 * float(np.linalg.norm(flat_p[k])) + 1e-6 * scale, (k, diff)

@@ -119,6 +119,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   blocks: tuple = ()
   channels: tuple = ()
+  remat: bool = False  # recompute each block's activations in the backward pass (config.model.remat)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -129,10 +130,11 @@ class ResNet(nn.Module):
     stem = _Stem(self.width, self.norm, self.dtype, name="stem")
     x = stem(x, train)
     out = {}
+    block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block  # `train` is static
     for s, (n, c) in enumerate(zip(blocks, channels)):
       for i in range(n):
         stride = 2 if (i == 0 and s > 0) else 1
-        x = Block(c, c // 4 if bottleneck else c, stride, bottleneck, self.norm, self.dtype,
+        x = block(c, c // 4 if bottleneck else c, stride, bottleneck, self.norm, self.dtype,
                   name=f"res{s + 2}_{i}")(x, train)
       out[f"res{s + 2}"] = x
     return out
@@ -153,9 +155,9 @@ class _Stem(nn.Module):
 
 def resnet(cfg, dtype, name):
   """config.model.backbone = 'resnet': reads resnet_depth, resnet_width, resnet_blocks, resnet_channels
-  and backbone_norm."""
+  backbone_norm and remat."""
   return ResNet(cfg.resnet_depth, cfg.resnet_width, cfg.backbone_norm, dtype, tuple(cfg.resnet_blocks),
-                tuple(cfg.resnet_channels), name=name)
+                tuple(cfg.resnet_channels), bool(cfg.remat), name=name)
 
 
 # config.model.backbone -> builder(model fields, compute dtype, scope name) -> a module mapping NHWC

@@ -87,6 +87,7 @@ class MaskFormer(nn.Module):
   dropout: float = 0.1
   enforce_input_proj: bool = False
   num_classes: int = 133
+  remat: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -99,7 +100,7 @@ class MaskFormer(nn.Module):
     mask_features, memory = make_decoder(self, self.dtype, "pixel_decoder")(feats, train)
     hs = TransformerDecoder(self.num_queries, self.hidden_dim, self.num_heads, self.dim_feedforward,
                             self.dec_layers, self.dropout, self.enforce_input_proj, self.dtype,
-                            name="transformer_decoder")(memory, train)  # [L, B, Q, hidden]
+                            self.remat, name="transformer_decoder")(memory, train)  # [L, B, Q, hidden]
     logits = nn.Dense(self.num_classes + 1, kernel_init=_torch_linear, dtype=self.dtype,
                       param_dtype=jnp.float32, name="class_embed")(hs)
     mask_embed = MLP(self.hidden_dim, self.mask_dim, 3, self.dtype, name="mask_embed")(hs)

@@ -60,6 +60,7 @@ class PixelDecoder(nn.Module):
   dim_feedforward: int = 2048
   dropout: float = 0.1
   dtype: Any = jnp.float32
+  remat: bool = False  # recompute each encoder layer's activations in the backward pass
 
   @nn.compact
   def __call__(self, feats, train: bool = False):
@@ -69,8 +70,9 @@ class PixelDecoder(nn.Module):
       x = nn.Conv(self.conv_dim, (1, 1), kernel_init=_c2_xavier, dtype=self.dtype, param_dtype=jnp.float32,
                   name="input_proj")(res5).reshape(b, h * w, self.conv_dim)
       pos = jnp.asarray(sine_position_embedding(h, w, self.conv_dim // 2), self.dtype)[None]
+      layer = nn.remat(EncoderLayer, static_argnums=(3,)) if self.remat else EncoderLayer  # `train`
       for i in range(self.encoder_layers):
-        x = EncoderLayer(self.conv_dim, self.num_heads, self.dim_feedforward, self.dropout, self.dtype,
+        x = layer(self.conv_dim, self.num_heads, self.dim_feedforward, self.dropout, self.dtype,
                          name=f"encoder_layer_{i}")(x, pos, train)
       transformer_input = x.reshape(b, h, w, self.conv_dim)
       y = ConvGN(self.conv_dim, 3, True, self.dtype, name="res5_output")(transformer_input)
@@ -89,13 +91,13 @@ class PixelDecoder(nn.Module):
 def base(cfg, dtype, name):
   """config.model.pixel_decoder = 'base': the FPN alone (BasePixelDecoder)."""
   return PixelDecoder(cfg.conv_dim, cfg.mask_dim, 0, cfg.num_heads, cfg.dim_feedforward, cfg.dropout,
-                      dtype, name=name)
+                      dtype, name=name)  # no layer worth recomputing: remat does not apply
 
 
 def transformer_encoder(cfg, dtype, name):
   """'transformer_encoder' ("+6 Enc"): pixel_encoder_layers encoder layers on res5, then the FPN."""
   return PixelDecoder(cfg.conv_dim, cfg.mask_dim, cfg.pixel_encoder_layers, cfg.num_heads,
-                      cfg.dim_feedforward, cfg.dropout, dtype, name=name)
+                      cfg.dim_feedforward, cfg.dropout, dtype, bool(cfg.remat), name=name)
 
 
 # config.model.pixel_decoder -> builder(model fields, compute dtype, scope name) -> a module mapping the

@@ -182,11 +182,13 @@ class _Stage(nn.Module):
   mlp_ratio: float
   downsample: bool
   dtype: Any
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, train):
+    block = nn.remat(SwinBlock, static_argnums=(2,)) if self.remat else SwinBlock  # `train` is static
     for i in range(self.depth):
-      x = SwinBlock(self.dim, self.num_heads, self.window, 0 if i % 2 == 0 else self.window // 2,
+      x = block(self.dim, self.num_heads, self.window, 0 if i % 2 == 0 else self.window // 2,
                     self.drop_paths[i], self.mlp_ratio, self.dtype, name=f"blocks_{i}")(x, train)
     merged = PatchMerging(self.dtype, name="downsample")(x) if self.downsample else None
     return x, merged
@@ -216,6 +218,7 @@ class SwinTransformer(nn.Module):
   drop_path_rate: float = 0.3
   patch_size: int = 4
   dtype: Any = jnp.float32
+  remat: bool = False  # recompute each block's activations in the backward pass (config.model.remat)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -230,7 +233,7 @@ class SwinTransformer(nn.Module):
       last = s == len(self.depths) - 1
       features, merged = _Stage(self.embed_dim * 2 ** s, depth, heads, self.window,
                                 tuple(rates[start:start + depth]), self.mlp_ratio, not last, self.dtype,
-                                name=f"layers_{s}")(x, train)
+                                self.remat, name=f"layers_{s}")(x, train)
       start += depth
       out[f"res{s + 2}"] = _layer_norm(self.dtype, f"norm{s}")(features)
       x = merged
@@ -239,6 +242,7 @@ class SwinTransformer(nn.Module):
 
 def swin(cfg, dtype, name):
   """config.model.backbone = 'swin': reads swin_embed_dim, swin_depths, swin_num_heads,
-  swin_window_size and drop_path_rate."""
+  swin_window_size, drop_path_rate and remat."""
   return SwinTransformer(int(cfg.swin_embed_dim), tuple(cfg.swin_depths), tuple(cfg.swin_num_heads),
-                         int(cfg.swin_window_size), 4.0, float(cfg.drop_path_rate), 4, dtype, name=name)
+                         int(cfg.swin_window_size), 4.0, float(cfg.drop_path_rate), 4, dtype,
+                         bool(cfg.remat), name=name)

@@ -142,6 +142,7 @@ class TransformerDecoder(nn.Module):
   dropout: float = 0.1
   enforce_input_proj: bool = False
   dtype: Any = jnp.float32
+  remat: bool = False  # recompute each layer's activations in the backward pass (config.model.remat)
 
   @nn.compact
   def __call__(self, features, train: bool = False):
@@ -159,8 +160,9 @@ class TransformerDecoder(nn.Module):
     tgt = jnp.zeros_like(query_pos)
     norm = _layer_norm(self.dtype, "decoder_norm")  # shared by every intermediate output
     outs = []
+    layer = nn.remat(DecoderLayer, static_argnums=(5,)) if self.remat else DecoderLayer  # `train` static
     for i in range(self.num_layers):
-      tgt = DecoderLayer(self.hidden_dim, self.num_heads, self.dim_feedforward, self.dropout, self.dtype,
+      tgt = layer(self.hidden_dim, self.num_heads, self.dim_feedforward, self.dropout, self.dtype,
                          name=f"layer_{i}")(tgt, query_pos, memory, pos, train)
       outs.append(norm(tgt))
     return jnp.stack(outs)
