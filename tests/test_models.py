@@ -271,3 +271,19 @@ def test_remat_keeps_names_outputs_and_gradients(backbone):
     # bias under softmax) are float noise on both sides, held to the whole gradient's scale
     diff = float(np.linalg.norm(flat_r[k] - flat_p[k]))
     assert diff <= 1e-4 * float(np.linalg.norm(flat_p[k])) + 1e-6 * scale, (k, diff)
+
+
+@pytest.mark.parametrize("kernel,stride,h,w", [(1, 1, 9, 7), (1, 2, 9, 7), (1, 2, 8, 8), (3, 2, 9, 7)])
+def test_conv_runs_1x1_as_a_matmul_with_the_same_result(kernel, stride, h, w):
+  """models/conv.Conv: nn.Conv's parameters, and its output to float rounding, with the 1x1 case
+  computed as a (strided) matmul; other kernels go to the convolution."""
+  from maskformer_jax.models.conv import Conv
+  pad = kernel // 2
+  kwargs = dict(features=5, kernel_size=(kernel, kernel), strides=(stride, stride), padding=((pad, pad),) * 2)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, h, w, 4)), jnp.float32)
+  ours, ref = Conv(**kwargs), nn.Conv(**kwargs)
+  v = ref.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(jnp.shape, v)
+  np.testing.assert_allclose(ours.apply(v, x), ref.apply(v, x), rtol=1e-5, atol=1e-5)
+  jaxpr = str(jax.make_jaxpr(ours.apply)(v, x))
+  assert ("conv_general_dilated" in jaxpr) == (kernel != 1)

@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from maskformer_jax.models.conv import Conv
+
 # (blocks per stage, bottleneck?) for each supported depth.
 RESNET_STAGES = {
     18: ((2, 2, 2, 2), False),
@@ -68,7 +70,7 @@ def _norm(kind: str, train: bool, dtype, name: str):
 
 def _conv(features, kernel, stride, dtype, name):
   pad = kernel // 2  # explicit torch-style padding: "SAME" pads asymmetrically at stride 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+  return Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
                  use_bias=False, kernel_init=_conv_init, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from maskformer_jax.models.conv import Conv
 from maskformer_jax.models.transformer_decoder import EncoderLayer, sine_position_embedding
 
 GN_GROUPS = 32
@@ -40,7 +41,7 @@ class ConvGN(nn.Module):
     if self.features % GN_GROUPS:
       raise ValueError(f"conv_dim={self.features} must be a multiple of {GN_GROUPS} (GroupNorm groups).")
     p = self.kernel // 2
-    x = nn.Conv(self.features, (self.kernel, self.kernel), padding=((p, p), (p, p)), use_bias=False,
+    x = Conv(self.features, (self.kernel, self.kernel), padding=((p, p), (p, p)), use_bias=False,
                 kernel_init=_c2_xavier, dtype=self.dtype, param_dtype=jnp.float32, name="conv")(x)
     x = nn.GroupNorm(GN_GROUPS, epsilon=GN_EPS, dtype=self.dtype, param_dtype=jnp.float32, name="gn")(x)
     return nn.relu(x) if self.relu else x
@@ -67,7 +68,7 @@ class PixelDecoder(nn.Module):
     res5 = feats["res5"].astype(self.dtype)
     if self.encoder_layers:
       b, h, w, _ = res5.shape
-      x = nn.Conv(self.conv_dim, (1, 1), kernel_init=_c2_xavier, dtype=self.dtype, param_dtype=jnp.float32,
+      x = Conv(self.conv_dim, (1, 1), kernel_init=_c2_xavier, dtype=self.dtype, param_dtype=jnp.float32,
                   name="input_proj")(res5).reshape(b, h * w, self.conv_dim)
       pos = jnp.asarray(sine_position_embedding(h, w, self.conv_dim // 2), self.dtype)[None]
       layer = nn.remat(EncoderLayer, static_argnums=(3,)) if self.remat else EncoderLayer  # `train`
@@ -83,7 +84,7 @@ class PixelDecoder(nn.Module):
       lateral = ConvGN(self.conv_dim, 1, False, self.dtype, name=f"{level}_lateral")(feats[level].astype(self.dtype))
       y = lateral + upsample_nearest(y, lateral.shape[1:3])
       y = ConvGN(self.conv_dim, 3, True, self.dtype, name=f"{level}_output")(y)
-    mask_features = nn.Conv(self.mask_dim, (3, 3), padding=((1, 1), (1, 1)), kernel_init=_c2_xavier,
+    mask_features = Conv(self.mask_dim, (3, 3), padding=((1, 1), (1, 1)), kernel_init=_c2_xavier,
                             dtype=self.dtype, param_dtype=jnp.float32, name="mask_features")(y)
     return mask_features, transformer_input
 

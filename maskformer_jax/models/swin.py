@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maskformer_jax.models.conv import Conv
+
 # The published variants (docs/reference.md section 1): embed dim, depths, heads, window.
 SWIN_VARIANTS = {
     "swin_t": dict(swin_embed_dim=96, swin_depths=(2, 2, 6, 2), swin_num_heads=(3, 6, 12, 24),
@@ -203,7 +205,7 @@ class _PatchEmbed(nn.Module):
   @nn.compact
   def __call__(self, x):
     p = self.patch_size
-    x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+    x = Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
                 param_dtype=jnp.float32, name="proj")(x)
     return _layer_norm(self.dtype, "norm")(x)
 

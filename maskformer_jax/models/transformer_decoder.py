@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from maskformer_jax.models.conv import Conv
+
 LN_EPS = 1e-5  # torch default (flax's is 1e-6)
 _xavier = nn.initializers.xavier_uniform()  # DETR's _reset_parameters
 
@@ -150,7 +152,7 @@ class TransformerDecoder(nn.Module):
     x = features.astype(self.dtype)
     if c != self.hidden_dim or self.enforce_input_proj:
       # detectron2's c2_xavier_fill: kaiming uniform with a=1, zero bias.
-      x = nn.Conv(self.hidden_dim, (1, 1), kernel_init=nn.initializers.variance_scaling(1.0, "fan_in", "uniform"),
+      x = Conv(self.hidden_dim, (1, 1), kernel_init=nn.initializers.variance_scaling(1.0, "fan_in", "uniform"),
                   dtype=self.dtype, param_dtype=jnp.float32, name="input_proj")(x)
     memory = x.reshape(b, h * w, self.hidden_dim)
     pos = jnp.asarray(sine_position_embedding(h, w, self.hidden_dim // 2), self.dtype)[None]
