@@ -20,12 +20,28 @@ def test_synthetic_batch_follows_the_contract():
 
 
 @pytest.mark.slow
-def test_bench_runs_on_the_tiny_config(capsys):
-  bench.main(["--config", f"{ROOT}/configs/coco_panoptic.py:runlocal", "--batch", "8",
-              "--size", "64", "64", "--variants", "float32", "--steps", "1"])
-  out = capsys.readouterr().out
-  row = [l for l in out.splitlines() if l.startswith("| float32")][0]
-  assert np.isfinite(float(row.split("|")[-2]))  # the loss of the timed step
+def test_accelerator_bench_runs_on_the_tiny_config(tmp_path, capsys):
+  """The accelerator script end to end on the CPU: one composed train-step variant (bfloat16,
+  rematerialised, point-sampled losses) with its profile, the rest skipped once the budget is spent."""
+  from maskformer_jax.bench import accelerator
+  out = tmp_path / "accel.md"
+  accelerator.main(["--out", str(out), "--config", f"{ROOT}/configs/coco_panoptic.py:runlocal", "--batch", "8",
+                    "--size", "64", "64", "--variants", "bfloat16+remat+points", "float32", "--steps", "1",
+                    "--profile-variant", "bfloat16+remat+points", "--budget-s", "1"])
+  text = out.read_text()
+  row = [line for line in text.splitlines() if line.startswith("| bfloat16+remat+points")][0]
+  cells = [c.strip() for c in row.split("|")[1:-1]]
+  assert np.isfinite(float(cells[-1])) and float(cells[5]) > 0 and float(cells[7]) > 0  # loss, XLA GiB, GFLOP
+  assert "Costliest operations of `bfloat16+remat+points`" in text
+  assert "Skipped (time budget spent): float32." in text and text.count("Skipped: the time budget") == 3
+
+
+def test_bench_variants_compose_and_unknown_parts_fail():
+  c = bench.variant_config(bench.load_config(f"{ROOT}/configs/coco_panoptic.py:runlocal"), "bfloat16+remat+scipy")
+  assert (c.model.dtype, c.model.remat, c.loss.matcher, c.loss.point_sampling) == ("bfloat16", True, "scipy", False)
+  with pytest.raises(ValueError, match="unknown variant part 'fp16'.*parts: "):
+    bench.variant_config(c, "fp16")
+  assert bench.peak_tflops("NVIDIA H200") == 989.0 and bench.peak_tflops("cpu") is None
 
 
 def test_postprocess_bench_core_on_small_inputs(capsys):

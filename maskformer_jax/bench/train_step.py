@@ -1,14 +1,23 @@
-"""Times the full jitted train step of a real config: compile time, step time, images/s, memory.
+"""Times the full jitted train step of a real config: compile time, step time, images/s, memory, FLOPs.
 
   python -m maskformer_jax.bench.train_step --config configs/coco_panoptic.py --batch 8 \
-      --size 512 512 --variants float32 bfloat16 scipy [--steps 10]
+      --size 512 512 --variants float32 bfloat16 scipy bfloat16+remat bfloat16+points [--steps 10] \
+      [--profile 15]
 
-Variants, measured one after another in the same process on the same batch (ratios are to the first):
-`float32` / `bfloat16` = compute dtype with matching in the step (the design); `scipy` = float32 with
-`loss.matcher="scipy"`, i.e. the original's host-side Hungarian through a callback inside the step.
-The batch is synthetic with realistic structure (20 rectangular segments of random classes per image),
-so the matcher and the mask losses do their real work. Run it on the accelerator you care about; on a
-CPU use small sizes.
+A variant is one or more of these joined by "+", measured one after another in the same process on the
+same batch (ratios are to the first): `float32` / `bfloat16` = compute dtype with matching in the step
+(the design); `scipy` = `loss.matcher="scipy"`, the original's host-side Hungarian through a callback
+inside the step; `remat` = `model.remat` (recompute block and layer activations in the backward pass);
+`points` = `loss.point_sampling` (Mask2Former's point-sampled mask losses instead of full-resolution
+upsampling). The batch is synthetic with realistic structure (20 rectangular segments of random classes
+per image), so the matcher and the mask losses do their real work.
+
+Memory is XLA's own account of the compiled step (`memory_analysis()`: arguments + outputs - donated
+aliases + temporaries), the same on every backend, plus the allocator's peak where the device reports one
+(GPU, TPU). FLOPs come from XLA's cost analysis of the compiled step, which counts what runs
+(recomputation included, so with `remat` it is hardware rather than model FLOPs); utilisation is
+FLOPs / step time / the chip's dense bfloat16 peak from `PEAK_BF16_TFLOPS` where its kind is known.
+`--profile N` traces one step of each variant and prints its N costliest operations (jax.profiler).
 """
 import argparse
 import platform
@@ -41,7 +50,63 @@ def make_batch(rng, b, h, w, m, k, segments_per_image=20):
   return {"image": image, "segments": seg, "labels": labels, "valid": valid}
 
 
-def run_variant(config, batch_np, steps):
+# Dense bfloat16 peak of one chip, TFLOP/s, by a substring of jax's device_kind (vendor data sheets).
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "TPU v4": 275.0,
+                    "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
+                    "TPU v6 lite": 918.0, "TPU v6e": 918.0}
+
+
+def peak_tflops(device_kind):
+  """The chip's dense bfloat16 peak, or None when unknown (CPUs)."""
+  return next((v for k, v in PEAK_BF16_TFLOPS.items() if k.lower() in device_kind.lower()), None)
+
+
+def _set_dtype(c, name):
+  c.model.dtype = name
+
+
+# A variant's parts: name -> config change.
+VARIANT_PARTS = {
+    "float32": lambda c: _set_dtype(c, "float32"),
+    "bfloat16": lambda c: _set_dtype(c, "bfloat16"),
+    "scipy": lambda c: setattr(c.loss, "matcher", "scipy"),
+    "jax": lambda c: setattr(c.loss, "matcher", "jax"),
+    "remat": lambda c: setattr(c.model, "remat", True),
+    "points": lambda c: setattr(c.loss, "point_sampling", True),
+}
+
+
+def variant_config(config, variant):
+  """`config` with each "+"-joined part of `variant` applied (float32 and the JAX matcher by default)."""
+  config.model.dtype, config.loss.matcher = "float32", "jax"
+  for part in variant.split("+"):
+    if part not in VARIANT_PARTS:
+      raise ValueError(f"unknown variant part {part!r} in {variant!r}; parts: {sorted(VARIANT_PARTS)}")
+    VARIANT_PARTS[part](config)
+  return config
+
+
+def top_ops(trace_dir, n):
+  """[(milliseconds, count, name)] of the `n` costliest operations in a jax.profiler trace: events are
+  summed by name; the runtime's own spans (thunk executor, Python frames) are left out."""
+  import collections
+  import glob
+  import gzip
+  import json
+  files = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
+  if not files:
+    return []
+  events = json.load(gzip.open(files[0]))["traceEvents"]
+  total, count = collections.Counter(), collections.Counter()
+  for e in events:
+    name = e.get("name", "")
+    if e.get("ph") == "X" and not name.startswith(("Thunk", "$", "Slinky", "PjitFunction")):
+      total[name] += e.get("dur", 0)
+      count[name] += 1
+  return [(t / 1e3, count[k], k) for k, t in total.most_common(n)]
+
+
+def run_variant(config, batch_np, steps, profile=0):
   mesh = sharding.make_mesh(config.mesh)
   model = build_model(config.model)
   state = ts.init_state(config, model, mesh, jax.random.key(config.seed))
@@ -50,6 +115,13 @@ def run_variant(config, batch_np, steps):
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  mem = compiled.memory_analysis()
+  xla_gib = float("nan")
+  if mem is not None:
+    xla_gib = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+               + mem.temp_size_in_bytes) / 2**30
   state, metrics = compiled(state, batch)  # warm-up
   jax.block_until_ready(metrics)
   times = []
@@ -58,10 +130,54 @@ def run_variant(config, batch_np, steps):
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
+  ops = []
+  if profile:
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+      with jax.profiler.trace(d):
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+      ops = top_ops(d, profile)
   loss = float(metrics["loss"][0]) if "loss" in metrics else float("nan")
-  mem = jax.devices()[0].memory_stats() or {}
-  peak = mem.get("peak_bytes_in_use", 0) / 2**30
-  return {"compile_s": compile_s, "step_s": float(np.median(times)), "loss": loss, "peak_gib": peak}
+  stats = jax.devices()[0].memory_stats() or {}
+  return {"compile_s": compile_s, "step_s": float(np.median(times)), "loss": loss,
+          "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30, "xla_gib": xla_gib,
+          "flops": float(cost.get("flops", float("nan"))), "top_ops": ops}
+
+
+def measure(config_path, batch_size, size, variants, steps, profile=0, log=print):
+  """[(variant, run_variant's dict)] for each variant of `config_path` at `batch_size` x `size`."""
+  rows = []
+  for variant in variants:
+    config = variant_config(load_config(config_path), variant)
+    config.batch_size = batch_size
+    config.data.image_size = tuple(size)
+    batch = make_batch(np.random.default_rng(0), batch_size, *size, config.data.max_instances,
+                       config.model.num_classes)
+    r = run_variant(config, batch, steps, profile)
+    rows.append((variant, r))
+    log(f"{variant}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items() if k != "top_ops"))
+  return rows
+
+
+def table(rows, batch_size):
+  """The markdown table of `measure`'s rows (ratios to the first), then each variant's top operations."""
+  kind = jax.devices()[0].device_kind
+  peak = peak_tflops(kind)
+  base = rows[0][1]["step_s"]
+  lines = ["| variant | compile s | step ms (median) | images/s | x first | XLA GiB | device peak GiB "
+           "| GFLOP/step | util. of bf16 peak | loss |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for variant, r in rows:
+    util = f"{r['flops'] / r['step_s'] / (peak * 1e12):.1%}" if peak else "n/a"
+    lines.append(f"| {variant} | {r['compile_s']:.1f} | {1e3 * r['step_s']:.1f} | {batch_size / r['step_s']:.1f} "
+                 f"| {base / r['step_s']:.2f} | {r['xla_gib']:.2f} | {r['peak_gib']:.2f} "
+                 f"| {r['flops'] / 1e9:.4g} | {util} | {r['loss']:.3f} |")
+  for variant, r in rows:
+    if r["top_ops"]:
+      lines += ["", f"Costliest operations of `{variant}` (one traced step):", "", "| ms | calls | op |",
+                "|---|---|---|"]
+      lines += [f"| {ms:.1f} | {n} | `{name[:80]}` |" for ms, n, name in r["top_ops"]]
+  return "\n".join(lines)
 
 
 def main(argv=None):
@@ -71,32 +187,15 @@ def main(argv=None):
   p.add_argument("--size", type=int, nargs=2, default=(512, 512))
   p.add_argument("--variants", nargs="+", default=["float32", "bfloat16", "scipy"])
   p.add_argument("--steps", type=int, default=10)
-  p.add_argument("--point-sampling", action="store_true", help="Mask2Former point-sampled mask losses")
+  p.add_argument("--profile", type=int, default=0, metavar="N", help="print each variant's N costliest ops")
   args = p.parse_args(argv)
-
-  rows = []
-  for variant in args.variants:
-    config = load_config(args.config)
-    config.batch_size = args.batch
-    config.data.image_size = tuple(args.size)
-    config.loss.point_sampling = args.point_sampling
-    config.model.dtype = "bfloat16" if variant == "bfloat16" else "float32"
-    config.loss.matcher = "scipy" if variant == "scipy" else "jax"
-    batch = make_batch(np.random.default_rng(0), args.batch, *args.size, config.data.max_instances,
-                       config.model.num_classes)
-    r = run_variant(config, batch, args.steps)
-    rows.append((variant, r))
-    print(f"{variant}: {r}", flush=True)
-
-  base = rows[0][1]["step_s"]
-  print(f"\n{args.config}, global batch {args.batch} at {args.size[0]}x{args.size[1]}, "
-        f"point_sampling={args.point_sampling}; {jax.device_count()} x {jax.devices()[0].device_kind}, "
-        f"jax {jax.__version__}, {platform.machine()}")
-  print("| variant | compile s | step ms (median) | images/s | x first | peak GiB | loss |")
-  print("|---|---|---|---|---|---|---|")
-  for variant, r in rows:
-    print(f"| {variant} | {r['compile_s']:.1f} | {1e3 * r['step_s']:.1f} | {args.batch / r['step_s']:.1f} "
-          f"| {base / r['step_s']:.2f} | {r['peak_gib']:.2f} | {r['loss']:.3f} |")
+  for v in args.variants:  # fail before the first compilation
+    variant_config(load_config(args.config), v)
+  rows = measure(args.config, args.batch, args.size, args.variants, args.steps, args.profile)
+  print(f"\n{args.config}, global batch {args.batch} at {args.size[0]}x{args.size[1]}; {jax.device_count()} x "
+        f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {platform.machine()}")
+  print(table(rows, args.batch))
+  return rows
 
 
 if __name__ == "__main__":
