@@ -4,7 +4,8 @@
   python -m maskformer_jax.bench.vs_pytorch trajectory --steps 50
 
 `speed`: the train step (forward, the loss with deep supervision, backward, full-model clipping, AdamW)
-and inference (forward) of the same configuration (R50 with the FPN or the "+6 Enc" pixel decoder) on the
+and inference (the forward pass as evaluation runs it: the last layer's class and mask predictions, no
+auxiliary heads) of the same configuration (R50 with the FPN or the "+6 Enc" pixel decoder) on the
 same inputs, ours and PyTorch alternated round by round; medians, ratios, our XLA compile time and
 FLOPs (XLA cost analysis). `--memory` adds each side's peak resident memory, measured in a child process
 of its own that builds and trains only that side (one process cannot separate two frameworks'
@@ -23,7 +24,6 @@ the auxiliary outputs through the decoder's shared LayerNorm, and the "+6 Enc" e
 layers on the projected res5, sine positions), as docs/reference.md section 6 describes.
 """
 import argparse
-import functools
 import platform
 import resource
 import statistics
@@ -139,8 +139,8 @@ class TorchReference:
         m.bias.requires_grad_(False)
     return self
 
-  def forward(self, x):
-    """x: normalised NCHW float32 -> (logits, masks, [(aux logits, aux masks), ...])."""
+  def forward(self, x, aux=True):
+    """x: normalised NCHW float32 -> (logits, masks, [(aux logits, aux masks), ...] or [] without aux)."""
     import torch
     hf = self.model
     plm = hf.model.pixel_level_module
@@ -162,8 +162,7 @@ class TorchReference:
       return hf.class_predictor(q), torch.einsum("bqc,bchw->bqhw", hf.mask_embedder(q), pix)
 
     logits, masks = heads(out.last_hidden_state)
-    aux = [heads(norm(h)) for h in out.hidden_states[1:-1]]
-    return logits, masks, aux
+    return logits, masks, [heads(norm(h)) for h in out.hidden_states[1:-1]] if aux else []
 
   def loss(self, x, mask_labels, class_labels):
     logits, masks, aux = self.forward(x)
@@ -291,7 +290,11 @@ def speed(cfg, *, batch, size, rounds, max_instances=100, segments=20, log=print
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float((cost or {}).get("flops", float("nan")))
-  fwd = jax.jit(functools.partial(model.apply, train=False))
+  def fwd(variables, x):  # what the eval step computes (XLA drops the auxiliary heads)
+    out = model.apply(variables, x, train=False)
+    return out["pred_logits"], out["pred_masks"]
+
+  fwd = jax.jit(fwd)
   images = jax.numpy.asarray((b["image"].astype(np.float32) - np.asarray(PIXEL_MEAN, np.float32))
                              / np.asarray(PIXEL_STD, np.float32))
   t0 = time.perf_counter()
@@ -314,7 +317,7 @@ def speed(cfg, *, batch, size, rounds, max_instances=100, segments=20, log=print
   def torch_infer():
     ref.train(False)
     with torch.no_grad():
-      ref.forward(inputs[0])
+      ref.forward(inputs[0], aux=False)
     ref.train(True)
 
   for fn in (ours_train, torch_train, ours_infer, torch_infer):  # warm-up
