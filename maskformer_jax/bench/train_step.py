@@ -61,14 +61,10 @@ def peak_tflops(device_kind):
   return next((v for k, v in PEAK_BF16_TFLOPS.items() if k.lower() in device_kind.lower()), None)
 
 
-def _set_dtype(c, name):
-  c.model.dtype = name
-
-
 # A variant's parts: name -> config change.
 VARIANT_PARTS = {
-    "float32": lambda c: _set_dtype(c, "float32"),
-    "bfloat16": lambda c: _set_dtype(c, "bfloat16"),
+    "float32": lambda c: setattr(c.model, "dtype", "float32"),
+    "bfloat16": lambda c: setattr(c.model, "dtype", "bfloat16"),
     "scipy": lambda c: setattr(c.loss, "matcher", "scipy"),
     "jax": lambda c: setattr(c.loss, "matcher", "jax"),
     "remat": lambda c: setattr(c.model, "remat", True),
@@ -106,6 +102,13 @@ def top_ops(trace_dir, n):
   return [(t / 1e3, count[k], k) for k, t in total.most_common(n)]
 
 
+def xla_flops(compiled):
+  """FLOPs of a compiled computation by XLA's cost analysis (nan where the backend gives none)."""
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  return float(cost.get("flops", float("nan")))
+
+
 def run_variant(config, batch_np, steps, profile=0):
   mesh = sharding.make_mesh(config.mesh)
   model = build_model(config.model)
@@ -115,8 +118,6 @@ def run_variant(config, batch_np, steps, profile=0):
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
   mem = compiled.memory_analysis()
   xla_gib = float("nan")
   if mem is not None:
@@ -142,7 +143,7 @@ def run_variant(config, batch_np, steps, profile=0):
   stats = jax.devices()[0].memory_stats() or {}
   return {"compile_s": compile_s, "step_s": float(np.median(times)), "loss": loss,
           "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30, "xla_gib": xla_gib,
-          "flops": float(cost.get("flops", float("nan"))), "top_ops": ops}
+          "flops": xla_flops(compiled), "top_ops": ops}
 
 
 def measure(config_path, batch_size, size, variants, steps, profile=0, log=print):

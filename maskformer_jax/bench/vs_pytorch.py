@@ -36,7 +36,7 @@ import numpy as np
 
 from maskformer_jax import sharding
 from maskformer_jax import train_step as ts
-from maskformer_jax.bench.train_step import make_batch
+from maskformer_jax.bench.train_step import make_batch, xla_flops
 from maskformer_jax.config import base_config
 from maskformer_jax.convert import merge_variables
 from maskformer_jax.convert.hf import HF_IGNORED, abstract_variables, convert_state_dict, hf_key
@@ -287,9 +287,7 @@ def speed(cfg, *, batch, size, rounds, max_instances=100, segments=20, log=print
   t0 = time.perf_counter()
   compiled = step.lower(state, sharded).compile()
   compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float((cost or {}).get("flops", float("nan")))
+  flops = xla_flops(compiled)
   def fwd(variables, x):  # what the eval step computes (XLA drops the auxiliary heads)
     out = model.apply(variables, x, train=False)
     return out["pred_logits"], out["pred_masks"]
