@@ -68,18 +68,19 @@ def target_masks(segments, num_slots, stride=1):
   return (seg[:, None] == jnp.arange(num_slots)[None, :, None, None]).astype(jnp.float32)
 
 
-def sample_targets(segments, coords, num_slots):
+def sample_targets(segments, coords, num_slots, first_slot=0):
   """Bilinear samples (align_corners=False, zero padding) of the binary target masks at `coords`.
 
-  segments int32 [B, H, W]; coords [B, M, P, 2] in [0, 1] as (x, y) for slot m's mask. Equals
-  `points.point_sample(target_masks(segments, M), coords)` without building the dense masks.
+  segments int32 [B, H, W]; coords [B, M, P, 2] in [0, 1] as (x, y) for the mask of slot
+  `first_slot + m`. Equals `points.point_sample(target_masks(segments, M), coords)` (for first_slot 0)
+  without building the dense masks.
   """
   b, h, w = segments.shape
   px = coords[..., 0] * w - 0.5
   py = coords[..., 1] * h - 0.5
   x0, y0 = jnp.floor(px), jnp.floor(py)
   flat = segments.reshape(b, 1, h * w)
-  slot = jnp.arange(num_slots)[None, :, None]
+  slot = (first_slot + jnp.arange(num_slots))[None, :, None]
   out = 0.0
   for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
     xi, yi = x0 + dx, y0 + dy
@@ -91,39 +92,65 @@ def sample_targets(segments, coords, num_slots):
   return out
 
 
-def upsampled_mask_losses(src, segments, alpha, gamma, active=None):
-  """Per-pair focal (mean over pixels) and dice, [B, M] each, of `src` [B, M, h, w] upsampled
-  bilinearly (align_corners=False, as torch F.interpolate) to the full-res masks of `segments`.
-
-  Slot by slot under rematerialisation, so at most one [B, H, W] logit map of a slot is alive: the
-  original allocates [N, H, W] for all matched pairs at once, and M padded slots would be worse.
-  `active` [B, M] bool: a slot no image needs (all False) is skipped by a `lax.cond` and gets 0, so the
-  cost follows the targets present rather than the M padded slots (the data packs targets first; at
-  COCO's M=100 with ~20 targets an image this is most of the criterion's time, issue #12).
-  """
+def _per_active_slot(fn, src, active):
+  """Stacks fn(x [B, h, w], slot) -> (focal [B], dice [B]) over the M slots of `src` [B, M, h, w] into
+  [B, M] each. A slot no image needs (`active` [B, M] all False) is skipped by a `lax.cond` and gets 0, so
+  the cost follows the targets present rather than the M padded slots (the data packs targets first; at
+  COCO's M=100 with ~20 targets an image most slots are padding, issue #12). Each slot is rematerialised
+  so the backward pass keeps only its inputs, not M slots' residuals (the checkpoint goes around the
+  cond: inside a branch it would stack `segments` once per slot)."""
   b, num_slots = src.shape[:2]
-  height, width = segments.shape[1:]
   if active is None:
     active = jnp.ones((b, num_slots), bool)
-
-  def run(x, slot):  # [B, h, w], the slot index
-    x = jax.image.resize(x, (b, height, width), "bilinear", antialias=False).reshape(b, -1)
-    t = (segments == slot).reshape(b, -1).astype(jnp.float32)
-    return jnp.mean(sigmoid_focal(x, t, alpha, gamma), axis=-1), dice(x, t)
 
   def skip(x, slot):
     del slot
     zero = jnp.zeros(x.shape[:1], jnp.float32)
     return zero, zero
 
-  @jax.checkpoint  # around the cond: inside a branch it would stack `segments` once per slot
   def one_slot(args):
     x, slot, on = args
-    return jax.lax.cond(on, run, skip, x, slot)
+    return jax.lax.cond(on, fn, skip, x, slot)
 
-  focal, dsc = jax.lax.map(one_slot, (jnp.swapaxes(src, 0, 1), jnp.arange(num_slots),
-                                      jnp.any(active, axis=0)))
+  focal, dsc = jax.lax.map(jax.checkpoint(one_slot),
+                           (jnp.swapaxes(src, 0, 1), jnp.arange(num_slots), jnp.any(active, axis=0)))
   return focal.T, dsc.T
+
+
+def upsampled_mask_losses(src, segments, alpha, gamma, active=None):
+  """Per-pair focal (mean over pixels) and dice, [B, M] each, of `src` [B, M, h, w] upsampled
+  bilinearly (align_corners=False, as torch F.interpolate) to the full-res masks of `segments`.
+
+  Slot by slot under rematerialisation, so at most one [B, H, W] logit map of a slot is alive: the
+  original allocates [N, H, W] for all matched pairs at once, and M padded slots would be worse.
+  Slots that no image uses (`active`) are skipped.
+  """
+  b = src.shape[0]
+  height, width = segments.shape[1:]
+
+  def run(x, slot):  # [B, h, w], the slot index
+    x = jax.image.resize(x, (b, height, width), "bilinear", antialias=False).reshape(b, -1)
+    t = (segments == slot).reshape(b, -1).astype(jnp.float32)
+    return jnp.mean(sigmoid_focal(x, t, alpha, gamma), axis=-1), dice(x, t)
+
+  return _per_active_slot(run, src, active)
+
+
+def point_mask_losses(src, segments, rng, loss_config, active=None):
+  """Per-pair focal (mean over points) and dice, [B, M] each, on the points Mask2Former samples for each
+  slot's prediction, against bilinear samples of the binary target. Slots no image uses are skipped;
+  each slot draws its own points, from `rng` folded with the slot index."""
+  lc = loss_config
+
+  def run(x, slot):  # [B, h, w], the slot index
+    coords = sg(points_lib.sample_points_with_uncertainty(
+        sg(x[:, None]), jax.random.fold_in(rng, slot), int(lc.num_points), float(lc.oversample_ratio),
+        float(lc.importance_sample_ratio)))  # [B, 1, P, 2]
+    logits = points_lib.point_sample(x[:, None], coords)[:, 0]  # [B, P]
+    tgt = sample_targets(segments, coords, 1, first_slot=slot)[:, 0]
+    return jnp.mean(sigmoid_focal(logits, tgt, lc.focal_alpha, lc.focal_gamma), axis=-1), dice(logits, tgt)
+
+  return _per_active_slot(run, src, active)
 
 
 def match(pred_logits, pred_masks, batch, loss_config, rng=None):
@@ -165,15 +192,8 @@ def layer_losses(pred_logits, pred_masks, batch, indices, loss_config, *, num_ma
   # 0, then gets weight 0 below).
   src = jnp.take_along_axis(pred_masks.astype(jnp.float32),
                             jnp.maximum(indices, 0)[:, :, None, None], axis=1)
-  num_slots = labels.shape[1]
   if lc.point_sampling:  # Mask2Former: uncertainty-based importance-sampled points
-    coords = sg(points_lib.sample_points_with_uncertainty(
-        sg(src), rng, int(lc.num_points), float(lc.oversample_ratio),
-        float(lc.importance_sample_ratio)))
-    logits = points_lib.point_sample(src, coords)  # [B, M, P]
-    tgt = sample_targets(segments, coords, num_slots)
-    focal = jnp.mean(sigmoid_focal(logits, tgt, lc.focal_alpha, lc.focal_gamma), axis=-1)
-    dsc = dice(logits, tgt)
+    focal, dsc = point_mask_losses(src, segments, rng, lc, matched)
   else:  # original: bilinear (align_corners=False) upsampling to the padded full-res target
     focal, dsc = upsampled_mask_losses(src, segments, lc.focal_alpha, lc.focal_gamma, matched)
   m = matched.astype(jnp.float32)

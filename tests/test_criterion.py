@@ -181,7 +181,9 @@ def test_point_sampled_mask_losses():
     pts = criterion.layer_losses(layer["pred_logits"], layer["pred_masks"], batch, idx, lc,
                                  rng=jax.random.key(1), **kw)
     src = jnp.take_along_axis(jnp.asarray(layer["pred_masks"]), jnp.maximum(idx, 0)[..., None, None], 1)
-    coords = points.sample_points_with_uncertainty(src, jax.random.key(1), 4096, 3.0, ratio)
+    coords = jnp.concatenate([  # each slot draws its own points from the key folded with the slot
+        points.sample_points_with_uncertainty(src[:, m:m + 1], jax.random.fold_in(jax.random.key(1), m),
+                                              4096, 3.0, ratio) for m in range(M)], axis=1)
     x = points.point_sample(src, coords)
     t = points.point_sample(criterion.target_masks(jnp.asarray(batch["segments"]), M), coords)
     m = np.asarray(idx >= 0)
@@ -255,3 +257,37 @@ def test_mask2former_switches_point_losses_and_point_matching():
     matched = indices[b][batch["valid"][b]]
     assert (matched >= 0).all() and len(set(matched.tolist())) == len(matched)
     assert (indices[b][~batch["valid"][b]] == -1).all()
+
+
+@pytest.mark.parametrize("point_sampling", [False, True])
+def test_unused_slots_are_skipped_and_used_slots_unchanged(point_sampling):
+  """Per-slot mask losses with `active`: slots no image uses get exactly 0 (they are skipped, not
+  computed), the others equal the all-slots computation, and so do the gradients of the matched sum."""
+  rng = np.random.default_rng(9)
+  batch = make_targets(rng, (3, 1))
+  src = jnp.asarray(rng.normal(size=(2, M, H // S, W // S)).astype(np.float32))
+  segments = jnp.asarray(batch["segments"])
+  active = jnp.asarray(batch["valid"])
+  lc = base_config().loss
+  lc.num_points = 64
+
+  def losses(x, act):
+    if point_sampling:
+      return criterion.point_mask_losses(x, segments, jax.random.key(3), lc, act)
+    return criterion.upsampled_mask_losses(x, segments, 0.25, 2.0, act)
+
+  def matched_sum(x, act):
+    focal, dsc = losses(x, act)
+    return jnp.sum(jnp.where(active, 20 * focal + dsc, 0.0))
+
+  (f_all, d_all), (f_act, d_act) = losses(src, None), losses(src, active)
+  used = np.asarray(jnp.any(active, axis=0))
+  assert used.any() and not used.all()
+  assert np.all(np.asarray(f_all)[:, ~used] > 0)  # what the skip avoids computing is not zero
+  np.testing.assert_array_equal(np.asarray(f_act)[:, ~used], 0.0)
+  np.testing.assert_array_equal(np.asarray(d_act)[:, ~used], 0.0)
+  np.testing.assert_allclose(np.asarray(f_act)[:, used], np.asarray(f_all)[:, used], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(d_act)[:, used], np.asarray(d_all)[:, used], rtol=1e-6)
+  g_all = jax.grad(matched_sum)(src, None)
+  g_act = jax.grad(matched_sum)(src, active)
+  np.testing.assert_allclose(np.asarray(g_act), np.asarray(g_all), rtol=1e-5, atol=1e-7)
