@@ -502,7 +502,7 @@ def main(argv=None, runner=None, sleep=time.sleep):
       return keep_running(sh, s, job, int(config.total_steps), launched=args.cmd == "watch",
                           poll_s=args.poll_s, max_restarts=args.max_restarts,
                           delete_when_done=args.delete_when_done, sleep=sleep)
-  except RuntimeError as e:
+  except (RuntimeError, ValueError) as e:  # a failed command; a lost --tpu slice without --accelerator
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0
