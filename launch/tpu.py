@@ -330,16 +330,17 @@ def write_status(workdir, status: str, message: str = "", **extra):
 
 
 def keep_running(sh, s, job, total_steps, *, launched, poll_s=60.0, max_restarts=20, max_launch_failures=3,
-                 delete_when_done=False, sleep=time.sleep, log=None) -> int:
+                 max_recreate_attempts=30, delete_when_done=False, sleep=time.sleep, log=None) -> int:
   """Polls the slice until the run reaches total_steps; recreates and relaunches a lost slice.
 
   launched: whether the job already runs on the slice (watch) or still has to be started (run). A missing
   slice before the first launch is created; after it, missing means deleted, which counts as lost.
-  Returns 0 when finished, 1 when the run stopped by itself short of total_steps (seen twice in a row, so
-  a preemption's SIGTERM that beats the state change is not mistaken for it), or restarts ran out.
+  A failed re-creation (no capacity yet) is tried again at the next poll. Returns 0 when finished, 1 when
+  the run stopped by itself short of total_steps (seen twice in a row, so a preemption's SIGTERM that beats
+  the state change is not mistaken for it), or restarts or re-creation attempts ran out.
   """
   log = log or (lambda msg: print(f"[{datetime.datetime.now():%H:%M:%S}] {s.name}: {msg}", flush=True))
-  restarts, gone, launch_failures, need_launch = 0, 0, 0, not launched
+  restarts, gone, launch_failures, attempts, need_launch = 0, 0, 0, 0, not launched
   status = lambda st, msg="": write_status(job.workdir, st, msg, tpu=s.name, zone=s.zone, restarts=restarts)
   while True:
     step = last_train_step(job.workdir)
@@ -355,17 +356,25 @@ def keep_running(sh, s, job, total_steps, *, launched, poll_s=60.0, max_restarts
       create(sh, s)
       launched = True  # from here on, missing means deleted under us
     elif st in (LOST, MISSING):
-      if restarts >= max_restarts:
-        log(f"lost again after {restarts} restarts: giving up (--max-restarts)")
-        status("failed", f"slice lost after {restarts} restarts")
+      if not need_launch:  # the run was going: a new loss
+        if restarts >= max_restarts:
+          log(f"lost again after {restarts} restarts: giving up (--max-restarts)")
+          status("failed", f"slice lost after {restarts} restarts")
+          return 1
+        restarts += 1
+      need_launch, gone, attempts = True, 0, attempts + 1
+      if attempts > max_recreate_attempts:  # e.g. a queued resource that fails every time
+        log(f"could not bring the slice back in {max_recreate_attempts} attempts: giving up")
+        status("failed", f"slice not recreated in {max_recreate_attempts} attempts")
         return 1
-      restarts += 1
       log(f"slice {st.lower()}: deleting and recreating it (restart {restarts} of at most {max_restarts})")
       status("restarting", f"slice {st.lower()}")
       if st == LOST:
-        delete(sh, s)
-      create(sh, s)
-      need_launch, gone = True, 0
+        sh(delete_argv(s), check=False)  # may be half gone already; create says if it is not
+      try:
+        create(sh, s)
+      except RuntimeError as e:  # no capacity right now, or the old one not deleted yet
+        log(f"{e}\ntrying again in {poll_s:g} s")
     elif st == READY and need_launch and not launched and alive(sh, s, job):
       log(f"{job.run_name} already runs there: watching it")  # `run` again after the watcher was stopped
       need_launch, launched = False, True
@@ -381,7 +390,7 @@ def keep_running(sh, s, job, total_steps, *, launched, poll_s=60.0, max_restarts
           status("failed", f"launch failed: {e}")
           return 1
       else:
-        need_launch, launched, gone, launch_failures = False, True, 0, 0
+        need_launch, launched, gone, launch_failures, attempts = False, True, 0, 0, 0
         log(f"started {job.run_name} (from step {step or 0})")
         status("running")
     elif st == READY:

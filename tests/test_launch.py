@@ -158,8 +158,9 @@ class FakeGcloud:
   """Answers `describe` from a list of states (the last one repeats), ssh `kill -0` with alive/gone, and
   on the train ssh calls `on_train`. Records every argv."""
 
-  def __init__(self, states, alive=("alive",), on_train=None):
+  def __init__(self, states, alive=("alive",), on_train=None, failed_creates=0):
     self.states, self.alive, self.on_train, self.calls = list(states), list(alive), on_train, []
+    self.failed_creates = failed_creates
 
   def __call__(self, argv, capture=False):
     self.calls.append(argv)
@@ -169,6 +170,9 @@ class FakeGcloud:
       if st == "NOT_FOUND":
         rc, err = 1, "ERROR: (gcloud.compute.tpus) NOT_FOUND: Resource 'x' was not found"
       out = "" if rc else st + "\n"
+    elif "create" in argv and self.failed_creates:
+      self.failed_creates -= 1
+      rc, err = 1, "ERROR: (gcloud.compute.tpus.tpu-vm.create) There is no more capacity in the zone"
     elif "ssh" in argv and "kill -0" in argv[-1]:
       out = (self.alive.pop(0) if len(self.alive) > 1 else self.alive[0]) + "\n"
     elif "ssh" in argv and "maskformer_jax.train" in argv[-1] and self.on_train:
@@ -211,6 +215,19 @@ def test_watch_recreates_reinstalls_and_restarts_once_after_preemption(tmp_path)
                                            "describe", "archive", "scp", "pip", "maskformer_jax.train"]
   assert sleeps == [7, 7, 7, 7]
   assert json.loads((workdir / "launch_status.json").read_text())["status"] == "finished"
+
+
+def test_a_failed_recreation_is_tried_again_without_counting_a_new_restart(tmp_path):
+  workdir = tmp_path / "run"
+  write_metrics(workdir, [5])
+  fake = FakeGcloud(["PREEMPTED", "NOT_FOUND", "READY"], on_train=lambda: write_metrics(workdir, [10]),
+                    failed_creates=1)
+  assert tpu.main(["watch", "--name", "n", "--zone", "z", "--spot", "--accelerator", "v4-8", "--config", DEMO,
+                   "--workdir", str(workdir), "--config.total_steps=10", "--poll-s", "0"],
+                  runner=fake, sleep=lambda s: None) == 0
+  assert fake.count("tpu-vm", "delete") == 1 and fake.count("tpu-vm", "create", "--spot") == 2
+  assert sum("ssh" in a and "maskformer_jax.train" in a[-1] for a in fake.calls) == 1
+  assert json.loads((workdir / "launch_status.json").read_text())["restarts"] == 1
 
 
 def test_run_creates_a_missing_slice_and_reports_a_run_that_dies(tmp_path):
