@@ -396,8 +396,8 @@ def _evals_errors(config):
   for name, ev in config.evals.items():
     if ev.type not in evaluation.EVALUATORS:
       errors.append(f"config.evals.{name}.type={ev.type!r} is not one of {sorted(evaluation.EVALUATORS)}.")
-    elif config.data.dataset == "ade20k" and ev.type == "panoptic":
-      errors.append(f"config.evals.{name}.type='panoptic' needs panoptic ground truth; the ade20k source "
+    elif config.data.dataset == "ade20k" and ev.type in ("panoptic", "instance"):
+      errors.append(f"config.evals.{name}.type={ev.type!r} needs panoptic ground truth; the ade20k source "
                     "has semantic labels only: use type='semantic'.")
     if int(ev.every) < 0:
       errors.append(f"config.evals.{name}.every={ev.every} must be >= 0 (0: not while training).")

@@ -39,7 +39,7 @@ def test_valid_config_passes():
     ({("data", "image_size"): (100, 64)}, 1, 1, "multiples of 32"),
     ({("optim", "schedule"): "cosine"}, 1, 1, "config.optim.schedule='cosine' is not one of"),
     ({("evals", "val", "type"): "panoptc"}, 1, 1, "config.evals.val.type='panoptc' is not one of"),
-    ({("evals", "val", "type"): "instance"}, 1, 1, "['panoptic', 'semantic']"),  # COCO AP: not yet
+    ({("evals", "val", "type"): "instance"}, 1, 1, "instance evaluators report ap, ap50"),  # best_metric pq
     ({("train", "best_metric"): "test/pq"}, 1, 1, "names no evaluator"),
     ({("train", "best_metric"): "val/miou"}, 1, 1, "panoptic evaluators report pq, sq"),
     ({("data", "dataset"): "ade20k"}, 1, 1, "the ade20k source has semantic labels only"),

@@ -31,6 +31,7 @@ from maskformer_jax.evaluation import sum_across_hosts
 
 # config.evals.<name>.type -> the evaluator module (imported when chosen).
 EVALUATORS = {
+    "instance": "maskformer_jax.evaluation.instance",
     "panoptic": "maskformer_jax.evaluation.panoptic",
     "semantic": "maskformer_jax.evaluation.semantic",
 }
