@@ -28,4 +28,13 @@ def get_config(arg=None):
       c.data.recipe, c.data.image_size = "coco_detr_max1000", (1024, 1024)
   else:
     c.model.pixel_decoder = "transformer_encoder"
+  if not a.runlocal:
+    # Mask AP beside PQ, as Mask2Former's COCO panoptic evaluation reports it (MaskFormer reported PQ
+    # only): a second pass over the split (forward, top-k masks RLE-encoded, COCOeval on ~500k
+    # detections: minutes on COCO), hence every 20000 steps rather than PQ's 5000, and at the end.
+    # Not in runlocal or configs/demo.py: their tests pin the rows PQ writes and the evaluate command's
+    # last line, and their 64x64 images hold small objects only (APm, APl undefined); the tests train
+    # runlocal with --config.evals.val.type=instance instead (tests/test_instance_eval.py).
+    with c.evals.unlocked():
+      c.evals.val_instance = dict(c.evals.val.to_dict(), type="instance", every=20000, image_summaries=0)
   return finish(c, a)
