@@ -2,9 +2,10 @@
 
 The numbers are pycocotools' own (COCOeval with iouType "segm", its default parameters: IoU 0.50:0.95,
 100 detections per image, the COCO area ranges), so they are comparable with any COCO instance result.
-A panoptic ground truth becomes instance annotations as detectron2 builds them for COCO: thing segments
-only, a crowd segment kept with iscrowd 1 (COCOeval ignores detections that fall on it instead of
-counting them as false positives), area = the mask's pixel count, bbox = the mask's extent.
+A panoptic ground truth becomes instance annotations shaped like COCO's instance file (which is what
+Mask2Former scores against on COCO panoptic; docs/reference.md section 4): thing segments only, a crowd
+segment kept with iscrowd 1 (COCOeval ignores detections that fall on it instead of counting them as
+false positives), area = the mask's pixel count, bbox = the mask's extent.
 
 Host side: every process collects its own images (`MaskAPAccumulator.add`); `gathered()` brings all
 processes' lists to every process, so the metric is the dataset-level one whatever the sharding.
@@ -61,7 +62,7 @@ def instances_from_panoptic(image_id: int, id_map, segments_info, thing_ids) -> 
 
 def detections(image_id: int, masks, scores, category_ids) -> list[dict]:
   """COCO results of one image's instance predictions (inference.postprocess_to_original, task
-  "instance"): every entry is kept, empty masks too, as the original's instance inference keeps its
+  "instance"): every entry is kept, empty masks too, as Mask2Former's instance inference keeps its
   top-k; COCOeval keeps the 100 best-scored per image."""
   return [{"image_id": int(image_id), "category_id": int(c), "segmentation": encode(m), "score": float(s)}
           for m, s, c in zip(masks, scores, category_ids)]
