@@ -394,17 +394,23 @@ def _check_loads(name):
 
 
 def test_notebook_cells_are_valid_python_and_name_real_configs():
+  """Every notebook's code cells parse (shell and magic lines aside) and every config its cells name, code
+  or text, loads. tests/test_notebooks.py runs them."""
   import ast
   import json
-  nb = json.loads((ROOT / "notebooks" / "colab_tpu.ipynb").read_text())
-  for cell in nb["cells"]:
-    if cell["cell_type"] != "code":
-      continue
-    src = "".join(cell["source"])
-    python = "\n".join(l for l in src.splitlines() if not l.lstrip().startswith(("!", "%", "--")))
-    ast.parse(python)  # shell/magic lines aside, the cell is Python
-    for name in _named_configs(src):
-      _check_loads(name)
+  names = set()
+  notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+  assert {p.name for p in notebooks} >= {"quickstart.ipynb", "inference.ipynb"}
+  for path in notebooks:
+    for cell in json.loads(path.read_text())["cells"]:
+      src = "".join(cell["source"])
+      if cell["cell_type"] == "code":
+        python = "\n".join(l for l in src.splitlines() if not l.lstrip().startswith(("!", "%", "--")))
+        ast.parse(python, str(path))
+      names.update(_named_configs(src.replace("`", " ")))
+  assert {"configs/demo.py", "configs/coco_panoptic.py"} <= names, names
+  for name in names:
+    _check_loads(name)
 
 
 def test_readme_and_launch_scripts_name_real_configs():
