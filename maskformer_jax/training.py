@@ -91,10 +91,7 @@ def train_and_evaluate(config, workdir: str):
       scores.update({f"{name}/{k}": v for k, v in row.items()})
     return scores
 
-  _Stop.requested = False
-  previous_handler = None
-  if jax.process_count() == 1:
-    previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+  previous_handler = watch_preemption(step)
   pending = []
   skipped_total = int(jax.device_get(state["skipped"])) if "skipped" in state else 0
   try:
@@ -160,10 +157,13 @@ def mean_metrics(pending) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# Preemption: SIGTERM sets a flag; the loop saves and exits at the next step boundary.
+# Preemption. One process: SIGTERM sets a flag; the loop saves and exits at the next step boundary.
+# Several: every process must stop at the same step (the save is collective), so JAX's preemption
+# service (started by jax.distributed.initialize; it handles SIGTERM itself) agrees on the step.
 
 class _Stop:
   requested = False
+  service = False  # several processes: the preemption service answers
 
 
 def _on_sigterm(signum, frame):
@@ -173,13 +173,29 @@ def _on_sigterm(signum, frame):
   _Stop.requested = True
 
 
+def watch_preemption(step: int):
+  """Arms preemption handling before the loop; returns the SIGTERM handler to restore afterwards (one
+  process) or None. Several processes without the preemption service get a warning, not silence."""
+  _Stop.requested, _Stop.service = False, False
+  if jax.process_count() == 1:
+    return signal.signal(signal.SIGTERM, _on_sigterm)
+  try:  # also a probe: a notice that came before the loop counts (every process gets the same answer)
+    _Stop.requested = bool(multihost_utils.reached_preemption_sync_point(step))
+    _Stop.service = True
+  except RuntimeError as e:
+    logging.warning(
+        "Preemption handling is off on this %d-process run: JAX's preemption service is unavailable "
+        "(%s). SIGTERM will end the run without a checkpoint; it resumes from the last periodic one "
+        "(config.train.checkpoint_every).", jax.process_count(), e)
+  return None
+
+
 def stop_requested(step: int) -> bool:
-  if jax.process_count() > 1:
-    # All hosts must agree on the step: JAX's preemption service (it handles SIGTERM itself).
-    try:
-      return multihost_utils.reached_preemption_sync_point(step)
-    except RuntimeError:
-      return False
+  if jax.process_count() > 1 and _Stop.service and not _Stop.requested:
+    _Stop.requested = bool(multihost_utils.reached_preemption_sync_point(step))
+    if _Stop.requested:  # on every process: each log shows where it stopped
+      logging.warning("Preemption notice: process %d saves at step %d, then exits.",
+                      jax.process_index(), step)
   return _Stop.requested
 
 

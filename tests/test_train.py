@@ -71,8 +71,17 @@ def last_step(workdir):
 
 
 def final_state(workdir):
+  """The last checkpoint's state on this process's first device (whatever devices saved it)."""
+  import jax
   import orbax.checkpoint as ocp
-  return ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(TOTAL) / "state")
+  path = workdir / "checkpoints" / str(TOTAL) / "state"
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  checkpointer = ocp.StandardCheckpointer()
+  meta = checkpointer.metadata(path)
+  meta = getattr(meta, "item_metadata", meta)
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                        getattr(meta, "tree", meta))
+  return checkpointer.restore(path, target)
 
 
 def assert_same_state(a, b):
@@ -206,22 +215,36 @@ def test_evaluate_and_predict_clis(env, baseline, tmp_path):
   assert 100 * json.loads((tmp_path / "pq.json").read_text())["All"]["pq"] == pytest.approx(row["pq"], abs=0.05)
 
 
+def one_device(env):
+  return dict(env["env"], XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+
+def start_two(env, workdir, *extra):
+  """Two CPU processes (gloo) with one device each, on a free port."""
+  import socket
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    port = sock.getsockname()[1]
+  return [subprocess.Popen(
+      command(env, workdir, *extra, f"--coordinator_address=localhost:{port}", "--num_processes=2",
+              f"--process_id={i}"),
+      env=one_device(env), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+
+
+def finish_two(procs, timeout=900):
+  errs = [p.communicate(timeout=timeout)[1] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+  return errs
+
+
 @pytest.mark.slow
 def test_two_processes_write_once_and_merge_evaluation(env, tmp_path):
   """Two CPU processes (gloo) with one device each: one global batch, only process 0 writes metrics,
   both write their data-iterator state, the evaluation covers every validation image exactly once."""
-  import socket
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
   workdir = tmp_path / "multi"
-  e = dict(env["env"], XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  procs = [subprocess.Popen(
-      command(env, workdir, "--config.total_steps=2", "--config.evals.val.every=2",
-              f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"),
-      env=e, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  errs = [p.communicate(timeout=900)[1] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+  procs = start_two(env, workdir, "--config.total_steps=2", "--config.evals.val.every=2")
+  errs = finish_two(procs)
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [1, 2, 2]  # two train rows and one eval row: process 0 only
   assert rows[-1]["num_images"] == 6 and rows[-1]["eval"] == "val"
@@ -231,12 +254,42 @@ def test_two_processes_write_once_and_merge_evaluation(env, tmp_path):
   # The two hosts' summed accumulators give the PQ one process computes from the same checkpoint.
   r = subprocess.run([sys.executable, "-m", "maskformer_jax.evaluate", f"--config={TINY}",
                       f"--config.data.root={env['data']}", f"--workdir={workdir}"],
-                     env=e, cwd=ROOT, capture_output=True, text=True, timeout=600)
+                     env=one_device(env), cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   single = json.loads(r.stdout.strip().splitlines()[-1])
   assert single["step"] == 2 and single["num_images"] == 6
   for key in ("pq", "sq", "rq", "pq_th", "pq_st"):
     assert rows[-1][key] == pytest.approx(single[key], abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_process_saves_at_one_step_and_resumes_identically(env, tmp_path):
+  """A pod's preemption: SIGTERM reaches every process of a 2-process run (a real signal). JAX's
+  preemption service makes them agree on one step: both save it and exit 0; rerun, the run ends with the
+  parameters of an uninterrupted 2-process run (each process reads its own shard of the data, so a
+  1-process run is a different run)."""
+  straight = tmp_path / "straight"
+  finish_two(start_two(env, straight))
+  workdir = tmp_path / "preempted"
+  procs = start_two(env, workdir)
+  wait_for(lambda: last_step(workdir) >= 4, procs[0])
+  for p in procs:
+    p.send_signal(signal.SIGTERM)
+  errs = finish_two(procs, timeout=300)
+  stopped_at = last_step(workdir)
+  assert 4 <= stopped_at < TOTAL, "the signal came too late to test anything"
+  for i, err in enumerate(errs):  # each process names the step it saved
+    assert f"Preemption notice: process {i} saves at step {stopped_at}, then exits." in err, err[-2000:]
+  assert "Preemption handling is off" not in errs[0] + errs[1]
+  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved[-1] == stopped_at
+  data = sorted(p.name for p in (workdir / "checkpoints" / str(stopped_at) / "data").glob("process_*"))
+  assert data == ["process_0-of-2.json", "process_1-of-2.json"]  # both processes saved that step
+  errs = finish_two(start_two(env, workdir))
+  assert f"Resumed from the checkpoint at step {stopped_at}" in errs[0]
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [row["step"] for row in rows] == list(range(1, TOTAL + 1))
+  assert_same_state(final_state(straight), final_state(workdir))
 
 
 def run_failing(env, workdir, *extra, cwd=ROOT, timeout=600):
@@ -346,3 +399,21 @@ def test_relative_paths_end_to_end(env, tmp_path):
                      env=env["env"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert 0.0 <= json.loads((tmp_path / "pq.json").read_text())["All"]["pq"] <= 1.0
+
+
+def test_preemption_without_the_service_warns_instead_of_silence(monkeypatch, caplog):
+  """Several processes but no preemption service (jax.distributed without it): a warning says SIGTERM
+  will not save, and the loop never asks the missing service again."""
+  from jax.experimental import multihost_utils
+  from maskformer_jax import training
+
+  def unavailable(step):
+    raise RuntimeError("Preemption sync manager has not been initialized.")
+
+  monkeypatch.setattr(training.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", unavailable)
+  with caplog.at_level("WARNING"):
+    assert training.watch_preemption(7) is None
+  assert "Preemption handling is off on this 2-process run" in caplog.text
+  assert "has not been initialized" in caplog.text
+  assert training.stop_requested(8) is False  # would raise if it asked the service
