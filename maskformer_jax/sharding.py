@@ -1,6 +1,7 @@
 """The device mesh and where every array lives on it.
 
-Axes ('data', 'model'). The batch is split over 'data'. Parameters (and, by the same shape rule, the
+Axes ('data', 'model'). The batch is split over 'data'; with several slices (Multislice), 'data' runs
+across them and 'model' stays within each (`device_grid`). Parameters (and, by the same shape rule, the
 AdamW moments) are replicated by default; `mesh.fsdp` shards each big one over 'data' along its largest
 divisible axis (ZeRO-3 style: XLA all-gathers them for the forward pass and reduce-scatters the
 gradients); a 'model' axis > 1 shards the largest divisible axis of big kernels over 'model' too.
@@ -14,6 +15,7 @@ against the path inside the parameter tree ('backbone/stem/conv/kernel'), also f
 import re
 
 import jax
+from jax.experimental import mesh_utils
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -34,15 +36,49 @@ def mesh_shape(mesh_config, num_devices):
   return data, model
 
 
+def slice_index(device) -> int:
+  """The slice a device belongs to: Multislice TPUs (several pod slices joined over the data-centre
+  network, DCN) give each device a `slice_index`; everything else is one slice."""
+  return int(getattr(device, "slice_index", 0) or 0)
+
+
+def device_grid(mesh_config, devices, slice_of=slice_index):
+  """[data, model] array of `devices` for config.mesh.
+
+  One slice: the chips' physical topology decides the order (mesh_utils). Several slices: each slice
+  is a [data / slices, model] block and the blocks stack along 'data', so the model axis stays on a
+  slice's fast interconnect (ICI) and the data-parallel gradient reduction is what crosses the slower
+  DCN between slices. (`mesh.fsdp` shards over the whole 'data' axis, so its parameter gathers cross
+  DCN too: on several slices it trades step time for memory.)
+  """
+  groups = {}
+  for d in devices:
+    groups.setdefault(slice_of(d), []).append(d)
+  slices = [groups[k] for k in sorted(groups)]
+  data, model = mesh_shape(mesh_config, len(devices))
+  if len(slices) == 1:
+    return mesh_utils.create_device_mesh((data, model), devices, allow_split_physical_axes=True)
+  per_slice = len(slices[0])
+  if any(len(s) != per_slice for s in slices):
+    raise ValueError(f"The {len(slices)} slices have different device counts "
+                     f"({[len(s) for s in slices]}): use slices of one accelerator type and size.")
+  if per_slice % model:
+    raise ValueError(f"config.mesh.model={model} does not divide the {per_slice} devices of one slice "
+                     f"(of {len(slices)}): the model axis stays within a slice, use a divisor of "
+                     f"{per_slice}.")
+  return np.concatenate([mesh_utils.create_device_mesh((per_slice // model, model), s,
+                                                       allow_split_physical_axes=True)
+                         for s in slices], axis=0)
+
+
 def make_mesh(mesh_config, devices=None):
-  """A ('data', 'model') mesh over `devices` (default: all, over every process).
+  """A ('data', 'model') mesh over `devices` (default: all, over every process and slice).
 
   mesh_config.data = -1 takes every device the model axis leaves.
   """
   devices = list(jax.devices() if devices is None else devices)
-  data, model = mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh((data, model), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
-                       devices=devices)
+  return jax.sharding.Mesh(device_grid(mesh_config, devices), AXES,
+                           axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
 def batch_sharding(mesh):

@@ -95,6 +95,30 @@ def test_make_mesh_and_batch_errors_say_what_to_change():
     config_lib.validate(c, num_devices=8, num_processes=1)
 
 
+def test_several_slices_put_data_across_and_model_within_each():
+  """Multislice: 2 slices of 4 fake devices. The model axis never spans two slices, 'data' runs over
+  the slices outermost, and a batch-sharded sum over the mesh is right."""
+  devices = jax.devices()
+  c = make_config()
+  c.mesh.model = 2
+  slice_of = lambda d: devices.index(d) // 4  # noqa: E731
+  grid = sharding.device_grid(c.mesh, devices, slice_of=slice_of)
+  assert grid.shape == (4, 2)
+  assert [{slice_of(d) for d in row} for row in grid] == [{0}, {0}, {1}, {1}]
+  assert sorted(d.id for d in grid.flat) == sorted(d.id for d in devices)
+  mesh = jax.sharding.Mesh(grid, sharding.AXES)
+  x = jax.device_put(np.arange(16.0).reshape(8, 2), sharding.batch_sharding(mesh))
+  assert float(jax.jit(jnp.sum)(x)) == 120.0
+  c.mesh.model = 8  # divides the 8 devices, but not the 4 of one slice
+  with pytest.raises(ValueError, match="model axis stays within a slice, use a divisor of 4"):
+    sharding.device_grid(c.mesh, devices, slice_of=slice_of)
+  with pytest.raises(ValueError, match="different device counts"):
+    sharding.device_grid(make_config().mesh, devices, slice_of=lambda d: int(devices.index(d) >= 6))
+  assert sharding.slice_index(devices[0]) == 0  # CPU devices: one slice, the usual mesh
+  c.mesh.model = 2
+  assert dict(sharding.make_mesh(c.mesh).shape) == {"data": 4, "model": 2}
+
+
 def test_partition_rules():
   c = make_config()
   c.mesh.model = 2
