@@ -65,7 +65,7 @@ class Slice:
   queued: bool = False
   provisioning: str = "standard"
   project: str | None = None
-  python: str = "python3"  # on the workers; the lock needs Python >= 3.11
+  python: str = "python3"  # on the workers; if older than 3.11 (the lock's minimum), setup installs 3.11
 
   def __post_init__(self):
     if self.provisioning not in PROVISIONING:
@@ -204,12 +204,14 @@ def setup_argvs(s: Slice) -> list:
   py = shlex.quote(s.python)
   script = (
       "set -e; "
-      f"{py} -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {{ echo \"$(hostname): constraints.txt "
-      f"needs Python >= 3.11, {s.python} is older: pass --python python3.11 (apt-get install python3.11-venv)\"; "
-      "exit 1; }; "
+      # The TPU images' Ubuntu 22.04 has Python 3.10 and the lock needs >= 3.11: install Ubuntu's 3.11.
+      f"PY={py}; $PY -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {{ "
+      "echo \"$(hostname): $PY is older than 3.11 (the lock's minimum): installing python3.11\"; "
+      "sudo apt-get -qq update && sudo DEBIAN_FRONTEND=noninteractive apt-get -qq install -y "
+      "python3.11 python3.11-venv >/dev/null; PY=python3.11; }; "
       f"rm -rf ~/{REMOTE_DIR} && mkdir -p ~/{REMOTE_DIR} ~/logs && "
       f"tar -xzf ~/{REMOTE_DIR}.tar.gz -C ~/{REMOTE_DIR} && cd ~/{REMOTE_DIR} && "
-      f"{py} -m venv .venv && .venv/bin/pip install -q -U pip && "
+      "$PY -m venv .venv && .venv/bin/pip install -q -U pip && "
       ".venv/bin/pip install -q -c constraints.txt -e . 'jax[tpu]' && echo installed on $(hostname)")
   return [["git", "-C", REPO, "archive", "--format=tar.gz", "-o", tarball, "HEAD"],
           ["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball, f"{s.name}:{REMOTE_DIR}.tar.gz", f"--zone={s.zone}",
@@ -430,7 +432,7 @@ def _parser():
                             "preemptible": "preemptible TPU VM (direct creation only)",
                             "best-effort": "best-effort queued resource (gcloud alpha)",
                             "reserved": "use the project's reservation"}[kind])
-  make.add_argument("--python", default="python3", help="Python on the workers (>= 3.11 for the lock)")
+  make.add_argument("--python", default="python3", help="Python on the workers (setup installs python3.11 where it is older than the lock's 3.11)")
   job = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
   job.add_argument("--run-name", default="train", help="names the log and pid files ~/logs/RUN.{log,pid}")
   run_args = argparse.ArgumentParser(add_help=False, allow_abbrev=False)

@@ -81,7 +81,7 @@ def test_setup_ships_head_and_installs_from_the_lock_on_every_worker(capsys):
   script = install[-1]
   assert "tar -xzf ~/maskformer_jax.tar.gz -C ~/maskformer_jax" in script
   assert ".venv/bin/pip install -q -c constraints.txt -e . 'jax[tpu]'" in script
-  assert "sys.version_info < (3, 11)" in script and "--python python3.11" in script
+  assert "sys.version_info < (3, 11)" in script and "apt-get -qq install -y python3.11 python3.11-venv" in script
   subprocess.run(["bash", "-n", "-c", script], check=True)  # valid shell
 
 
