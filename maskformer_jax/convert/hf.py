@@ -294,12 +294,13 @@ def from_hf(hf):
 def check_hf_parity(hf, module, variables, size=(96, 128), tol=1e-3) -> dict:
   """Our converted model against the HF model on one fixed probe (standard normal, seed 0): max-abs
   differences of the class and mask logits. 1e-3 leaves room for float32 drift in deep models (the
-  tests hold small ones to 1e-4)."""
+  tests hold small ones to 1e-4); the JAX side runs at full float32 precision on any device."""
   import torch  # the HF model is a torch module, so torch is installed
   x = np.random.default_rng(0).standard_normal((1, *size, 3)).astype(np.float32)
   with torch.no_grad():
     ref = hf(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())
-  out = jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, x)
+  with jax.default_matmul_precision("highest"):  # TPU/GPU matmuls default to bf16/tf32 inputs
+    out = jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, x)
   diffs = {name: float(np.max(np.abs(np.asarray(out[ours]) - theirs.numpy())))
            for name, ours, theirs in (("pred_logits", "pred_logits", ref.class_queries_logits),
                                       ("pred_masks", "pred_masks", ref.masks_queries_logits))}
