@@ -14,6 +14,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from maskformer_jax import card as card_lib
 from maskformer_jax import checkpoint
 from maskformer_jax import config as config_lib
 from maskformer_jax import convert
@@ -73,6 +74,8 @@ def train_and_evaluate(config, workdir: str):
   progress = metrics_lib.Progress(total, config.batch_size, start_step=step)
   divergence = Divergence(config.train.max_consecutive_skipped, start_step=step)
 
+  last_evals = {}  # name -> the last row of each evaluator, with its settings (for the model card)
+
   def run_evals(step):
     """Every evaluator due at `step`; returns {'<name>/<metric>': value} of those that ran."""
     scores = {}
@@ -89,6 +92,8 @@ def train_and_evaluate(config, workdir: str):
       metrics_lib.log(f"eval {name} at step {step}: " + " ".join(
           f"{k} {v:.2f}" for k, v in row.items() if isinstance(v, float)))
       scores.update({f"{name}/{k}": v for k, v in row.items()})
+      last_evals[name] = {"step": step, **{k: v for k, v in row.items() if isinstance(v, int | float)},
+                          "settings": config.evals[name].to_dict()}
     return scores
 
   previous_handler = watch_preemption(step)
@@ -126,6 +131,8 @@ def train_and_evaluate(config, workdir: str):
         metrics_lib.log(f"Stopped by a signal: saved step {step}; rerun the same command to resume.")
         break
     saver.finish()
+    write_card(config, workdir, model, mesh, state, step=step, stopped=_Stop.requested, skipped=skipped_total,
+               wall_time_s=time.time() - t_start, evals=last_evals, source=train_source)
   except BaseException:
     try:  # let a save in flight complete (bounded), but report the error that stopped the run
       saver.finish(timeout_s=min(60.0, saver.timeout_s))
@@ -137,6 +144,24 @@ def train_and_evaluate(config, workdir: str):
     if previous_handler is not None:
       signal.signal(signal.SIGTERM, previous_handler)
   return state
+
+
+def write_card(config, workdir, model, mesh, state, *, step, stopped, skipped, wall_time_s, evals,
+               source):
+  """The model card of the saved final state (maskformer_jax.card). A card that cannot be written is
+  an error in the log, not a lost run: the checkpoint is already saved."""
+  training = {"step": int(step), "total_steps": int(config.total_steps), "stopped_by_signal": bool(stopped),
+              "global_batch": int(config.batch_size), "grad_accum_steps": int(config.grad_accum_steps),
+              "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
+              "mesh": {k: int(v) for k, v in mesh.shape.items()}, "processes": jax.process_count(),
+              "skipped_steps": int(skipped), "wall_time_s": round(float(wall_time_s), 1)}
+  try:
+    card_lib.write_training_card(workdir, config, model, state, training=training, metrics=evals,
+                                 source=source, split=config.data.train_split)
+  except Exception as e:  # noqa: BLE001
+    logging.error("The model card of %s was not written: %s: %s", workdir, type(e).__name__, e)
+    return
+  metrics_lib.log(f"Model card: {workdir}/card.json (python -m maskformer_jax.card verify {workdir})")
 
 
 def mean_metrics(pending) -> dict:

@@ -16,12 +16,13 @@ import sys
 
 import jax
 
+from maskformer_jax import card
 from maskformer_jax import config as config_lib
 from maskformer_jax import paths
-from maskformer_jax.convert import (check_detectron2_roundtrip, from_detectron2, from_hf, model_config_from_hf,
-                                    provenance, read_detectron2, save_converted)
+from maskformer_jax.convert import (check_detectron2_roundtrip, from_detectron2, from_hf,
+                                    model_config_from_hf, provenance, read_detectron2, save_converted)
 from maskformer_jax.convert.hf import check_hf_parity, load_hf
-from maskformer_jax.models import MODEL_KEYS
+from maskformer_jax.models import MODEL_KEYS, build_model
 
 
 def main(argv=None) -> int:
@@ -57,10 +58,28 @@ def main(argv=None) -> int:
   if not check["passed"]:
     print(f"conversion check failed, nothing written: {check}", file=sys.stderr)
     return 1
-  save_converted(args.out, cfg, variables, source=provenance("hf" if args.hf else "detectron2", where, check))
+  source = provenance("hf" if args.hf else "detectron2", where, check)
+  save_converted(args.out, cfg, variables, source=source)
+  write_card(args.out, cfg, variables, source, hf_config=hf.config if args.hf else None,
+             config=None if args.hf else config_lib.load_config(args.config))
   n = sum(x.size for x in jax.tree.leaves(variables))
   print(f"wrote {args.out}: {n:,} values; check passed: {check['name']}; model config {cfg}")
   return 0
+
+
+def write_card(out, model_config: dict, variables, source: dict, *, hf_config=None, config=None):
+  """card.json / CARD.md / probes.npz beside the converted weights (maskformer_jax.card), so the
+  conversion can be re-checked later: `python -m maskformer_jax.card verify OUT --source SRC`."""
+  config = config or config_lib.base_config()
+  for k, v in model_config.items():
+    config.model[k] = list(v) if isinstance(v, list) else v
+  c = card.base_card(config, "conversion")
+  if not c["inference"]["categories"] and hf_config is not None and getattr(hf_config, "id2label", None):
+    c["inference"]["categories"] = [{"contiguous_id": int(i), "name": str(n)}
+                                    for i, n in sorted(hf_config.id2label.items(), key=lambda t: int(t[0]))]
+  c["provenance"] = source
+  c, probes = card.add_fingerprint(c, config, build_model(config.model), card.variables_of(variables))
+  card.write(out, c, probes)
 
 
 if __name__ == "__main__":
