@@ -1,0 +1,251 @@
+"""python -m maskformer_jax.export: a checkpoint's inference forward as a file another runtime can serve.
+
+  python -m maskformer_jax.export --checkpoint DIR --format stablehlo --out DIR [--size H W]
+
+--checkpoint is a training workdir (its newest checkpoint; --step picks another), a step directory in
+it, or a converted checkpoint (python -m maskformer_jax.convert); the model config comes from its
+config.json. The exported function is the eval step's forward: uint8 (or 0-255 float) RGB images
+[b, H, W, 3] -> {'pred_logits' [b, Q, K+1], 'pred_masks' [b, Q, H/4, W/4]} of the last decoder layer,
+normalisation included. The batch b is symbolic (any size); H, W are fixed (default the config's
+data.eval_size). The weights are baked into the exported program as constants: the file alone is the
+model, nothing else has to be shipped or fed to serve it.
+
+Every export is checked before the command succeeds: the written file is read back and run on seeded
+probe images at two batch sizes, and its outputs must match the JAX model's to 1e-4 (max-abs, float32).
+OUT/export.json records the input signature, the outputs, the differences and the verdict.
+
+Formats:
+  stablehlo   OUT/model.stablehlo, jax.export's serialisation (load with jax.export.deserialize; any
+              StableHLO consumer: IREE, XLA, TF's XlaCallModule).
+  onnx        through jax2onnx (not part of the lock: the command says what fails and what to do).
+  savedmodel  through orbax-export, which needs TensorFlow (pip install -e '.[tf]').
+"""
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from maskformer_jax import checkpoint
+from maskformer_jax import config as config_lib
+from maskformer_jax import paths
+from maskformer_jax import sharding
+from maskformer_jax.models import build_model
+from maskformer_jax.models import normalize_image
+
+FORMATS = ("stablehlo", "onnx", "savedmodel")
+OUTPUTS = ("pred_logits", "pred_masks")
+TOLERANCE = 1e-4
+PROBE_BATCHES = (1, 3)  # two batch sizes: the symbolic batch dimension is exercised, not just traced
+
+
+class ExportError(Exception):
+  """An export that cannot be made or does not match the JAX model (the CLI prints it and exits 1)."""
+
+
+def _tuples(x):
+  if isinstance(x, dict):
+    return {k: _tuples(v) for k, v in x.items()}
+  return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def load_config(ckpt_dir) -> ml_collections.ConfigDict:
+  """The config of a checkpoint from its config.json: a training workdir's (the whole config, written
+  by training) or a converted checkpoint's (the model config only; the rest are the defaults)."""
+  path = os.path.join(ckpt_dir, "config.json")
+  if not os.path.exists(path):
+    parent = os.path.dirname(os.path.dirname(ckpt_dir.rstrip("/")))  # WORKDIR/checkpoints/STEP
+    if os.path.basename(ckpt_dir.rstrip("/")).isdigit() and os.path.exists(os.path.join(parent, "config.json")):
+      path = os.path.join(parent, "config.json")
+    else:
+      raise ExportError(f"{path} not found: --checkpoint must be a training workdir, a step directory in "
+                        "one, or a converted checkpoint (python -m maskformer_jax.convert).")
+  with open(path) as f:
+    stored = _tuples(json.load(f))
+  config = config_lib.base_config()
+  if "source" in stored and set(stored) <= {"model", "source"}:  # a converted checkpoint
+    stored = {"model": stored["model"]}
+  with config.unlocked():
+    for section, values in stored.items():
+      if isinstance(values, dict) and section in config and isinstance(config[section], ml_collections.ConfigDict):
+        config[section].update(values)
+      else:
+        config[section] = values
+    config.mesh.data, config.mesh.model = 1, 1  # one device: export traces a single-device program
+  return config
+
+
+def load(ckpt_dir, which="latest"):
+  """(config, model, variables, step) from a checkpoint directory, on one local device."""
+  ckpt_dir = paths.absolute(str(ckpt_dir))
+  if not os.path.isdir(ckpt_dir):
+    raise ExportError(f"--checkpoint {ckpt_dir} is not a directory: give a training workdir, a step "
+                      "directory in one, or a converted checkpoint.")
+  config = load_config(ckpt_dir)
+  mesh = sharding.make_mesh(config.mesh, devices=jax.local_devices()[:1])
+  model = build_model(config.model)
+  try:
+    state, step = checkpoint.load_state(config, model, mesh, ckpt_dir, which)
+  except SystemExit as e:  # load_state's message for a directory without a checkpoint
+    raise ExportError(str(e)) from None
+  variables = jax.device_get({"params": state["params"], "batch_stats": state["batch_stats"]})
+  return config, model, variables, step
+
+
+def forward_fn(model, variables):
+  """images [b, H, W, 3] -> {'pred_logits', 'pred_masks'}: make_eval_step's forward (no padding mask:
+  an exported model gets images at its canvas size), the variables closed over (constants)."""
+  def forward(images):
+    out = model.apply(variables, normalize_image(images), train=False)
+    return {"pred_logits": out["pred_logits"], "pred_masks": out["pred_masks"]}
+  return forward
+
+
+def input_spec(size, dtype=jnp.uint8):
+  """The exported input: a symbolic batch `b` of fixed-size RGB images."""
+  (b,) = jax.export.symbolic_shape("b")
+  return jax.ShapeDtypeStruct((b, int(size[0]), int(size[1]), 3), dtype)
+
+
+def probe_inputs(size, n, seed=0) -> np.ndarray:
+  """Seeded uint8 images [n, H, W, 3]: smooth colour fields with noise, so that activations vary."""
+  rng = np.random.default_rng(seed)
+  h, w = int(size[0]), int(size[1])
+  yy, xx = np.mgrid[:h, :w] / max(h, w)
+  images = []
+  for _ in range(n):
+    a, b, c = rng.uniform(-3, 3, (3, 3))
+    base = 127 + 100 * np.sin(a[:, None, None] * yy + b[:, None, None] * xx + c[:, None, None])
+    images.append(np.moveaxis(base, 0, -1) + rng.normal(0, 12, (h, w, 3)))
+  return np.clip(np.stack(images), 0, 255).astype(np.uint8)
+
+
+def _compare(reference, got) -> dict:
+  return {k: float(np.max(np.abs(np.asarray(reference[k], np.float32) - np.asarray(got[k], np.float32))))
+          for k in OUTPUTS}
+
+
+def verify(forward, run_exported, size, batches=PROBE_BATCHES, tolerance=TOLERANCE) -> dict:
+  """The exported model vs the JAX forward on probe images at each batch size: max-abs per output."""
+  reference_fn = jax.jit(forward)
+  diffs, shapes = {k: 0.0 for k in OUTPUTS}, {}
+  for i, n in enumerate(batches):
+    images = probe_inputs(size, n, seed=i)
+    reference = jax.device_get(reference_fn(images))
+    got = run_exported(images)
+    for k, d in _compare(reference, got).items():
+      diffs[k] = max(diffs[k], d)
+    shapes = {k: ["b"] + list(np.shape(reference[k])[1:]) for k in OUTPUTS}
+  passed = all(np.isfinite(d) and d <= tolerance for d in diffs.values())
+  return {"probe_batches": list(batches), "max_abs_diff": diffs, "tolerance": tolerance,
+          "outputs": shapes, "passed": bool(passed)}
+
+
+def export_stablehlo(forward, size, out_dir) -> dict:
+  """OUT/model.stablehlo, read back and verified."""
+  exported = jax.export.export(jax.jit(forward))(input_spec(size))
+  path = os.path.join(out_dir, "model.stablehlo")
+  with open(path, "wb") as f:
+    f.write(exported.serialize())
+  with open(path, "rb") as f:
+    loaded = jax.export.deserialize(bytearray(f.read()))
+  result = verify(forward, lambda x: jax.device_get(loaded.call(x)), size)
+  return {"file": "model.stablehlo", "platforms": list(exported.platforms), **result}
+
+
+def export_onnx(forward, size, out_dir) -> dict:
+  """OUT/model.onnx through jax2onnx (float32 input: ONNX Runtime's convolutions take floats), run with
+  onnxruntime and verified. jax2onnx 0.13.0 (what the lock admits) fails on flax's max_pool (the ResNet
+  stem): its patch of flax.linen.max_pool does not take the current flax's signature."""
+  try:
+    import jax2onnx
+    import onnxruntime
+  except ImportError as e:
+    raise ExportError(f"--format onnx needs jax2onnx and onnxruntime ({e}), which are not installed (nor "
+                      "part of the project's lock). Use --format stablehlo.") from None
+  h, w = int(size[0]), int(size[1])
+  path = os.path.join(out_dir, "model.onnx")
+  as_tuple = lambda x: tuple(forward(x)[k] for k in OUTPUTS)  # noqa: E731
+  try:
+    jax2onnx.to_onnx(as_tuple, inputs=[("b", h, w, 3)], return_mode="file", output_path=path,
+                     input_names=["images"], output_names=list(OUTPUTS))
+  except Exception as e:  # noqa: BLE001 -- the converter's failures name the operation it cannot convert
+    version = importlib.metadata.version("jax2onnx")
+    raise ExportError(f"jax2onnx {version} cannot convert the model: {_first_line(e)}. The operation named "
+                      "there has no working ONNX conversion in this jax2onnx; use --format stablehlo.") from None
+  session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+  name = session.get_inputs()[0].name
+
+  def run(images):
+    return dict(zip(OUTPUTS, session.run(None, {name: np.asarray(images, np.float32)})))
+
+  return {"file": "model.onnx", "input_dtype": "float32", "onnxruntime_version": onnxruntime.__version__, **verify(forward, run, size)}
+
+
+def _first_line(e) -> str:
+  text = f"{type(e).__name__}: {e}"
+  return text.splitlines()[0][:300]
+
+
+def export_savedmodel(forward, size, out_dir) -> dict:
+  """OUT/savedmodel through orbax-export (TensorFlow's SavedModel)."""
+  if not all(importlib.util.find_spec(m) for m in ("tensorflow", "orbax.export")):
+    raise ExportError("--format savedmodel needs TensorFlow and orbax-export, the optional extra 'tf': "
+                      "pip install -e '.[tf]' (or use --format stablehlo).") from None
+  raise ExportError("--format savedmodel is not implemented yet; use --format stablehlo.")
+
+
+EXPORTERS = {"stablehlo": export_stablehlo, "onnx": export_onnx, "savedmodel": export_savedmodel}
+
+
+def export(ckpt_dir, fmt, out_dir, size=None, which="latest") -> dict:
+  """Exports a checkpoint in `fmt` to `out_dir`, verifies it and writes OUT/export.json; the record."""
+  if fmt not in EXPORTERS:
+    raise ExportError(f"--format {fmt!r} is not one of {list(FORMATS)}.")
+  config, model, variables, step = load(ckpt_dir, which)
+  size = tuple(size or config.data.eval_size)
+  if len(size) != 2 or min(size) <= 0:
+    raise ExportError(f"--size {size} must be two positive numbers H W.")
+  out_dir = paths.absolute(str(out_dir))
+  os.makedirs(out_dir, exist_ok=True)
+  result = EXPORTERS[fmt](forward_fn(model, variables), size, out_dir)
+  record = {"format": fmt, "checkpoint": paths.absolute(str(ckpt_dir)), "step": step,
+            "inputs": [{"name": "images", "shape": ["b", size[0], size[1], 3], "dtype": result.pop("input_dtype", "uint8")}],
+            "params": "constants", "jax_version": jax.__version__, **result}
+  with open(os.path.join(out_dir, "export.json"), "w") as f:
+    json.dump(record, f, indent=2, sort_keys=True)
+  if not record["passed"]:
+    raise ExportError(f"the exported model does not match the JAX model: max-abs {record['max_abs_diff']} > "
+                      f"{record['tolerance']} (see {out_dir}/export.json).")
+  return record
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m maskformer_jax.export", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--checkpoint", required=True, help="training workdir, a step directory in it, or a "
+                      "converted checkpoint")
+  parser.add_argument("--step", default="latest", help="with a workdir: 'latest', 'best' or a step number")
+  parser.add_argument("--format", default="stablehlo", choices=FORMATS)
+  parser.add_argument("--out", required=True, help="output directory")
+  parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="the exported image size "
+                      "(default: the config's data.eval_size)")
+  args = parser.parse_args(argv)
+  try:
+    record = export(args.checkpoint, args.format, args.out, args.size, args.step)
+  except ExportError as e:
+    print(f"export failed: {e}", file=sys.stderr)
+    return 1
+  print(f"wrote {record['file']} to {paths.absolute(args.out)}: max-abs vs JAX {record['max_abs_diff']} "
+        f"(<= {record['tolerance']}), passed")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,121 @@
+"""maskformer_jax.export: StableHLO exports of tiny models match the JAX model at two batch sizes after a
+round trip through the file; ONNX and SavedModel fail with messages that say what to do."""
+import json
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maskformer_jax import config as config_lib
+from maskformer_jax import convert
+from maskformer_jax import export
+from maskformer_jax.models import MODEL_KEYS, build_model
+
+from _multihost_worker import ROOT
+
+SIZE = (64, 64)
+
+
+def _converted(directory, pixel_decoder):
+  """A converted checkpoint (as python -m maskformer_jax.convert writes one) of a runlocal model at init:
+  'base' is the R50-FPN model's pixel decoder, 'transformer_encoder' the "+6 Enc" one's."""
+  c = config_lib.load_config(f"{ROOT}/configs/coco_panoptic.py:runlocal")
+  c.model.pixel_decoder = pixel_decoder
+  model = build_model(c.model)
+  variables = jax.jit(lambda key: model.init(key, jnp.zeros((1, *SIZE, 3)), train=False))(jax.random.key(0))
+  # Non-trivial batch statistics, so that the exported normalisation layers are checked too.
+  leaves, tree = jax.tree.flatten(variables["batch_stats"])
+  rng = np.random.default_rng(0)
+  stats = [np.abs(rng.normal(1.0, 0.2, np.shape(x))).astype(np.float32) for x in leaves]
+  variables = {**variables, "batch_stats": jax.tree.unflatten(tree, stats)}
+  convert.save_converted(str(directory), {k: c.model[k] for k in MODEL_KEYS}, variables)
+  return directory
+
+
+@pytest.fixture(scope="module")
+def fpn_checkpoint(tmp_path_factory):
+  return _converted(tmp_path_factory.mktemp("fpn"), "base")
+
+
+def test_cli_stablehlo_fpn(fpn_checkpoint, tmp_path, capsys):
+  out = tmp_path / "out"
+  assert export.main(["--checkpoint", str(fpn_checkpoint), "--format", "stablehlo", "--out", str(out),
+                      "--size", "64", "64"]) == 0
+  assert "passed" in capsys.readouterr().out
+  record = json.loads((out / "export.json").read_text())
+  assert record["passed"] and record["format"] == "stablehlo" and record["params"] == "constants"
+  assert record["probe_batches"] == [1, 3]
+  assert all(d <= 1e-4 for d in record["max_abs_diff"].values()), record
+  assert record["inputs"] == [{"name": "images", "shape": ["b", 64, 64, 3], "dtype": "uint8"}]
+  assert record["outputs"] == {"pred_logits": ["b", 8, 6], "pred_masks": ["b", 8, 16, 16]}
+  loaded = jax.export.deserialize(bytearray((out / "model.stablehlo").read_bytes()))
+  assert str(loaded.in_avals[0].shape[0]) == "b" and loaded.in_avals[0].dtype == jnp.uint8
+
+
+def test_stablehlo_transformer_encoder(tmp_path):
+  ckpt = _converted(tmp_path / "ckpt", "transformer_encoder")
+  record = export.export(ckpt, "stablehlo", tmp_path / "out", size=SIZE)
+  assert record["passed"] and all(d <= 1e-4 for d in record["max_abs_diff"].values()), record
+  assert (tmp_path / "out" / "model.stablehlo").stat().st_size > 0
+
+
+def test_verify_catches_a_mismatch():
+  forward = lambda x: {"pred_logits": x.astype(jnp.float32)[..., :1].sum((1, 2)),  # noqa: E731
+                       "pred_masks": x.astype(jnp.float32).mean(-1)}
+  good = export.verify(forward, lambda x: jax.device_get(forward(x)), (8, 8))
+  assert good["passed"] and max(good["max_abs_diff"].values()) <= 1e-4  # jit vs eager: rounding only
+  bad = export.verify(forward, lambda x: {k: v + 1e-3 for k, v in jax.device_get(forward(x)).items()}, (8, 8))
+  assert not bad["passed"] and bad["max_abs_diff"]["pred_masks"] == pytest.approx(1e-3, abs=1e-4)
+
+
+def test_bad_checkpoint_path(tmp_path, capsys):
+  argv = ["--format", "stablehlo", "--out", str(tmp_path / "out")]
+  assert export.main(["--checkpoint", str(tmp_path / "missing"), *argv]) == 1
+  assert "is not a directory" in capsys.readouterr().err
+  (tmp_path / "empty").mkdir()
+  assert export.main(["--checkpoint", str(tmp_path / "empty"), *argv]) == 1
+  err = capsys.readouterr().err
+  assert "config.json not found" in err and "converted checkpoint" in err
+
+
+def test_onnx_without_jax2onnx(monkeypatch, tmp_path):
+  monkeypatch.setitem(sys.modules, "jax2onnx", None)  # import fails
+  with pytest.raises(export.ExportError, match="needs jax2onnx.*--format stablehlo"):
+    export.export_onnx(lambda x: x, SIZE, tmp_path)
+
+
+def test_onnx_conversion_failure_names_the_operation(monkeypatch, tmp_path):
+  def to_onnx(*args, **kwargs):
+    raise NotImplementedError("No ONNX handler for primitive 'reduce_precision'")
+  monkeypatch.setitem(sys.modules, "jax2onnx", types.SimpleNamespace(to_onnx=to_onnx))
+  monkeypatch.setitem(sys.modules, "onnxruntime", types.SimpleNamespace())
+  monkeypatch.setattr(export.importlib.metadata, "version", lambda name: "0.0")
+  with pytest.raises(export.ExportError, match="cannot convert the model: NotImplementedError: No ONNX handler "
+                     "for primitive 'reduce_precision'.*use --format stablehlo"):
+    export.export_onnx(lambda x: x, SIZE, tmp_path)
+
+
+def test_onnx_with_installed_jax2onnx(fpn_checkpoint, tmp_path):
+  """jax2onnx 0.13.0 (the newest the lock admits) fails on flax's max_pool in the ResNet stem; a version
+  that converts the model must also match it."""
+  pytest.importorskip("jax2onnx")
+  pytest.importorskip("onnxruntime")
+  model_config, variables = convert.load_converted(str(fpn_checkpoint))
+  forward = export.forward_fn(build_model(model_config), variables)
+  try:
+    record = export.export_onnx(forward, SIZE, tmp_path)
+  except export.ExportError as e:
+    assert "cannot convert the model" in str(e) and "--format stablehlo" in str(e)
+    assert "max_pool" in str(e)
+  else:
+    assert record["passed"], record
+
+
+def test_savedmodel_needs_tensorflow(tmp_path):
+  if all(export.importlib.util.find_spec(m) for m in ("tensorflow", "orbax.export")):
+    pytest.skip("TensorFlow and orbax-export are installed")
+  with pytest.raises(export.ExportError, match=r"pip install -e '\.\[tf\]'"):
+    export.export_savedmodel(lambda x: x, SIZE, tmp_path)
