@@ -144,7 +144,7 @@ def verify(forward, run_exported, size, batches=PROBE_BATCHES, tolerance=TOLERAN
     shapes = {k: ["b"] + list(np.shape(reference[k])[1:]) for k in OUTPUTS}
   passed = all(np.isfinite(d) and d <= tolerance for d in diffs.values())
   return {"probe_batches": list(batches), "max_abs_diff": diffs, "tolerance": tolerance,
-          "outputs": shapes, "passed": bool(passed)}
+          "outputs": shapes, "passed": bool(passed), "probe_images": images, "probe_outputs": got}
 
 
 def export_stablehlo(forward, size, out_dir) -> dict:
@@ -201,6 +201,20 @@ def export_savedmodel(forward, size, out_dir) -> dict:
   raise ExportError("--format savedmodel is not implemented yet; use --format stablehlo.")
 
 
+def write_card(out_dir, config, variables, record, images, outputs) -> None:
+  """OUT/card.json, CARD.md and probes.npz (maskformer_jax.card, kind 'export'): the source weights'
+  digests, the verification record, and the exported model's outputs on the last probe batch (at the
+  exported size, which card.probe_inputs' fixed canvas need not be), for a serving runtime to check
+  itself against."""
+  from maskformer_jax import card as card_lib
+  c = card_lib.base_card(config, "export")
+  c["weights"] = card_lib.weights_digest(variables)
+  c["export"] = record
+  c["probes"] = {"file": card_lib.PROBES_FILE, "shape": list(images.shape),
+                 "outputs": card_lib.fingerprint(outputs)}
+  card_lib.write(out_dir, c, images)
+
+
 EXPORTERS = {"stablehlo": export_stablehlo, "onnx": export_onnx, "savedmodel": export_savedmodel}
 
 
@@ -215,11 +229,13 @@ def export(ckpt_dir, fmt, out_dir, size=None, which="latest") -> dict:
   out_dir = paths.absolute(str(out_dir))
   os.makedirs(out_dir, exist_ok=True)
   result = EXPORTERS[fmt](forward_fn(model, variables), size, out_dir)
+  images, outputs = result.pop("probe_images"), result.pop("probe_outputs")
   record = {"format": fmt, "checkpoint": paths.absolute(str(ckpt_dir)), "step": step,
             "inputs": [{"name": "images", "shape": ["b", size[0], size[1], 3], "dtype": result.pop("input_dtype", "uint8")}],
             "params": "constants", "jax_version": jax.__version__, **result}
   with open(os.path.join(out_dir, "export.json"), "w") as f:
     json.dump(record, f, indent=2, sort_keys=True)
+  write_card(out_dir, config, variables, record, images, outputs)
   if not record["passed"]:
     raise ExportError(f"the exported model does not match the JAX model: max-abs {record['max_abs_diff']} > "
                       f"{record['tolerance']} (see {out_dir}/export.json).")

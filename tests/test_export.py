@@ -51,6 +51,10 @@ def test_cli_stablehlo_fpn(fpn_checkpoint, tmp_path, capsys):
   assert all(d <= 1e-4 for d in record["max_abs_diff"].values()), record
   assert record["inputs"] == [{"name": "images", "shape": ["b", 64, 64, 3], "dtype": "uint8"}]
   assert record["outputs"] == {"pred_logits": ["b", 8, 6], "pred_masks": ["b", 8, 16, 16]}
+  card = json.loads((out / "card.json").read_text())
+  assert card["kind"] == "export" and card["export"]["passed"] and card["weights"]["all"]
+  assert card["probes"]["shape"] == [3, 64, 64, 3] and (out / "probes.npz").exists()
+  assert card["probes"]["outputs"]["pred_masks"]["shape"] == [3, 8, 16, 16]
   loaded = jax.export.deserialize(bytearray((out / "model.stablehlo").read_bytes()))
   assert str(loaded.in_avals[0].shape[0]) == "b" and loaded.in_avals[0].dtype == jnp.uint8
 
