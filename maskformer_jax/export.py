@@ -161,8 +161,9 @@ def export_stablehlo(forward, size, out_dir) -> dict:
 
 def export_onnx(forward, size, out_dir) -> dict:
   """OUT/model.onnx through jax2onnx (float32 input: ONNX Runtime's convolutions take floats), run with
-  onnxruntime and verified. jax2onnx 0.13.0 (what the lock admits) fails on flax's max_pool (the ResNet
-  stem): its patch of flax.linen.max_pool does not take the current flax's signature."""
+  onnxruntime and verified. jax2onnx 0.13.0 (the newest the lock admits) cannot convert our models: its
+  replacement of flax.linen.max_pool takes window_shape by keyword only (the ResNet stem passes it by
+  position), and its linen.pool takes padding 'SAME'/'VALID' only (the stem pads ((1, 1), (1, 1)))."""
   try:
     import jax2onnx
     import onnxruntime
