@@ -123,3 +123,15 @@ def test_savedmodel_needs_tensorflow(tmp_path):
     pytest.skip("TensorFlow and orbax-export are installed")
   with pytest.raises(export.ExportError, match=r"pip install -e '\.\[tf\]'"):
     export.export_savedmodel(lambda x: x, SIZE, tmp_path)
+
+
+def test_workdir_config(tmp_path):
+  """A training workdir's config.json (the whole config) comes back equal, from the workdir and from a
+  step directory in it; only the mesh becomes one device."""
+  c = config_lib.load_config(f"{ROOT}/configs/coco_panoptic.py:runlocal")
+  (tmp_path / "checkpoints" / "5").mkdir(parents=True)
+  (tmp_path / "config.json").write_text(c.to_json_best_effort(indent=2))
+  for where in (tmp_path, tmp_path / "checkpoints" / "5"):
+    loaded = export.load_config(str(where))
+    assert all(loaded[k] == c[k] for k in c if k != "mesh"), where
+    assert (loaded.mesh.data, loaded.mesh.model) == (1, 1)
