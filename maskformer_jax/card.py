@@ -270,10 +270,9 @@ def render(card: dict) -> str:
   lines += ["", "## Code", "", f"- git commit: {code.get('git_commit')} (dirty: {code.get('git_dirty')})",
             f"- python {card.get('python')} on {card.get('platform')}",
             "- packages: " + ", ".join(f"{k} {v}" for k, v in (card.get("packages") or {}).items()),
+            f"- seed: {c.get('seed')}",
             "", f"Check it: `python -m maskformer_jax.card verify DIR`"
             f"{' --source FILE' if card.get('kind') == 'conversion' else ''}", ""]
-  if c.get("seed") is not None:
-    lines.insert(-2, f"- seed: {c.get('seed')}")
   return "\n".join(lines)
 
 

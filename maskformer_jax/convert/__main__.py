@@ -72,8 +72,10 @@ def write_card(out, model_config: dict, variables, source: dict, *, hf_config=No
   conversion can be re-checked later: `python -m maskformer_jax.card verify OUT --source SRC`."""
   config = config or config_lib.base_config()
   for k, v in model_config.items():
-    config.model[k] = list(v) if isinstance(v, list) else v
+    config.model[k] = tuple(v) if isinstance(v, list) else v
   c = card.base_card(config, "conversion")
+  if "unavailable" in c["data"]:  # the usual case: no dataset in the config
+    c["data"] = {"note": "no dataset was read: the weights were trained on the source's data"}
   if not c["inference"]["categories"] and hf_config is not None and getattr(hf_config, "id2label", None):
     c["inference"]["categories"] = [{"contiguous_id": int(i), "name": str(n)}
                                     for i, n in sorted(hf_config.id2label.items(), key=lambda t: int(t[0]))]
