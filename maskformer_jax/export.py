@@ -1,6 +1,7 @@
 """python -m maskformer_jax.export: a checkpoint's inference forward as a file another runtime can serve.
 
   python -m maskformer_jax.export --checkpoint DIR --format stablehlo --out DIR [--size H W]
+      [--platforms cpu,cuda,tpu]
 
 --checkpoint is a training workdir (its newest checkpoint; --step picks another), a step directory in
 it, or a converted checkpoint (python -m maskformer_jax.convert); the model config comes from its
@@ -16,7 +17,8 @@ OUT/export.json records the input signature, the outputs, the differences and th
 
 Formats:
   stablehlo   OUT/model.stablehlo, jax.export's serialisation (load with jax.export.deserialize; any
-              StableHLO consumer: IREE, XLA, TF's XlaCallModule).
+              StableHLO consumer: IREE, XLA, TF's XlaCallModule), lowered for --platforms (default this
+              machine's backend only; the check runs the variant of the machine exporting).
   onnx        through jax2onnx (not part of the lock: the command says what fails and what to do).
   savedmodel  through orbax-export, which needs TensorFlow (pip install -e '.[tf]').
 """
@@ -147,19 +149,20 @@ def verify(forward, run_exported, size, batches=PROBE_BATCHES, tolerance=TOLERAN
           "outputs": shapes, "passed": bool(passed), "probe_images": images, "probe_outputs": got}
 
 
-def export_stablehlo(forward, size, out_dir) -> dict:
-  """OUT/model.stablehlo, read back and verified."""
-  exported = jax.export.export(jax.jit(forward))(input_spec(size))
+def export_stablehlo(forward, size, out_dir, platforms=None) -> dict:
+  """OUT/model.stablehlo for `platforms` (default: this machine's backend), read back and verified here."""
+  exported = jax.export.export(jax.jit(forward), platforms=platforms)(input_spec(size))
   path = os.path.join(out_dir, "model.stablehlo")
   with open(path, "wb") as f:
     f.write(exported.serialize())
   with open(path, "rb") as f:
     loaded = jax.export.deserialize(bytearray(f.read()))
   result = verify(forward, lambda x: jax.device_get(loaded.call(x)), size)
-  return {"file": "model.stablehlo", "platforms": list(exported.platforms), **result}
+  return {"file": "model.stablehlo", "platforms": list(exported.platforms), "verified_on": jax.default_backend(),
+          **result}
 
 
-def export_onnx(forward, size, out_dir) -> dict:
+def export_onnx(forward, size, out_dir, platforms=None) -> dict:
   """OUT/model.onnx through jax2onnx (float32 input: ONNX Runtime's convolutions take floats), run with
   onnxruntime and verified. jax2onnx 0.13.0 (the newest the lock admits) cannot convert our models: its
   replacement of flax.linen.max_pool takes window_shape by keyword only (the ResNet stem passes it by
@@ -194,7 +197,7 @@ def _first_line(e) -> str:
   return text.splitlines()[0][:300]
 
 
-def export_savedmodel(forward, size, out_dir) -> dict:
+def export_savedmodel(forward, size, out_dir, platforms=None) -> dict:
   """OUT/savedmodel through orbax-export (TensorFlow's SavedModel)."""
   if not all(importlib.util.find_spec(m) for m in ("tensorflow", "orbax.export")):
     raise ExportError("--format savedmodel needs TensorFlow and orbax-export, the optional extra 'tf': "
@@ -219,7 +222,7 @@ def write_card(out_dir, config, variables, record, images, outputs) -> None:
 EXPORTERS = {"stablehlo": export_stablehlo, "onnx": export_onnx, "savedmodel": export_savedmodel}
 
 
-def export(ckpt_dir, fmt, out_dir, size=None, which="latest") -> dict:
+def export(ckpt_dir, fmt, out_dir, size=None, which="latest", platforms=None) -> dict:
   """Exports a checkpoint in `fmt` to `out_dir`, verifies it and writes OUT/export.json; the record."""
   if fmt not in EXPORTERS:
     raise ExportError(f"--format {fmt!r} is not one of {list(FORMATS)}.")
@@ -229,7 +232,7 @@ def export(ckpt_dir, fmt, out_dir, size=None, which="latest") -> dict:
     raise ExportError(f"--size {size} must be two positive numbers H W.")
   out_dir = paths.absolute(str(out_dir))
   os.makedirs(out_dir, exist_ok=True)
-  result = EXPORTERS[fmt](forward_fn(model, variables), size, out_dir)
+  result = EXPORTERS[fmt](forward_fn(model, variables), size, out_dir, platforms)
   images, outputs = result.pop("probe_images"), result.pop("probe_outputs")
   record = {"format": fmt, "checkpoint": paths.absolute(str(ckpt_dir)), "step": step,
             "inputs": [{"name": "images", "shape": ["b", size[0], size[1], 3], "dtype": result.pop("input_dtype", "uint8")}],
@@ -253,9 +256,12 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True, help="output directory")
   parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="the exported image size "
                       "(default: the config's data.eval_size)")
+  parser.add_argument("--platforms", help="stablehlo: comma-separated platforms to lower for, e.g. "
+                      "cpu,cuda,tpu (default: this machine's; the check runs here)")
   args = parser.parse_args(argv)
+  platforms = tuple(args.platforms.split(",")) if args.platforms else None
   try:
-    record = export(args.checkpoint, args.format, args.out, args.size, args.step)
+    record = export(args.checkpoint, args.format, args.out, args.size, args.step, platforms)
   except ExportError as e:
     print(f"export failed: {e}", file=sys.stderr)
     return 1

@@ -43,11 +43,12 @@ def fpn_checkpoint(tmp_path_factory):
 def test_cli_stablehlo_fpn(fpn_checkpoint, tmp_path, capsys):
   out = tmp_path / "out"
   assert export.main(["--checkpoint", str(fpn_checkpoint), "--format", "stablehlo", "--out", str(out),
-                      "--size", "64", "64"]) == 0
+                      "--size", "64", "64", "--platforms", "cpu,cuda,tpu"]) == 0
   assert "passed" in capsys.readouterr().out
   record = json.loads((out / "export.json").read_text())
   assert record["passed"] and record["format"] == "stablehlo" and record["params"] == "constants"
   assert record["probe_batches"] == [1, 3]
+  assert record["platforms"] == ["cpu", "cuda", "tpu"] and record["verified_on"] == "cpu"
   assert all(d <= 1e-4 for d in record["max_abs_diff"].values()), record
   assert record["inputs"] == [{"name": "images", "shape": ["b", 64, 64, 3], "dtype": "uint8"}]
   assert record["outputs"] == {"pred_logits": ["b", 8, 6], "pred_masks": ["b", 8, 16, 16]}
