@@ -407,11 +407,15 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   from maskformer_jax import paths
   directory = paths.absolute(args.directory)
-  if args.command == "show":
-    md = epath.Path(directory) / CARD_MD
-    print(md.read_text() if md.exists() else render(read(directory)))
-    return 0
-  bad = verify(directory, source=paths.absolute(args.source) if args.source else None, tol=args.tol)
+  try:
+    if args.command == "show":
+      md = epath.Path(directory) / CARD_MD
+      print(md.read_text() if md.exists() else render(read(directory)))
+      return 0
+    bad = verify(directory, source=paths.absolute(args.source) if args.source else None, tol=args.tol)
+  except FileNotFoundError as e:
+    print(e, file=sys.stderr)
+    return 2
   if bad:
     print(f"NOT verified: {directory}", file=sys.stderr)
     for b in bad:

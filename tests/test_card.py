@@ -83,6 +83,7 @@ def test_other_source_is_named(converted, tmp_path):
   other.write_text(text.replace('"num_labels"', '"num_labels" ', 1) if '"num_labels"' in text else text + " ")
   bad = card.verify(converted / "ckpt", source=other)
   assert len(bad) == 1 and bad[0].startswith("source: config.json sha256"), bad
+  assert card.main(["verify", str(tmp_path)]) == 2  # no card: a message, not a traceback
   stranger = tmp_path / "model.bin"
   stranger.write_bytes(b"x")
   assert card.verify(converted / "ckpt", source=stranger)[0].startswith("source: model.bin is not among")
