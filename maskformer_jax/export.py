@@ -43,6 +43,8 @@ from maskformer_jax.models import normalize_image
 
 FORMATS = ("stablehlo", "onnx", "savedmodel")
 OUTPUTS = ("pred_logits", "pred_masks")
+PANOPTIC_OUTPUTS = ("panoptic", "segment_class", "segment_score", "segment_isthing", "query_segment")
+PANOPTIC_KEYS = ("panoptic", "segment_class", "segment_score", "isthing", "query_segment")  # inference's
 TOLERANCE = 1e-4
 PROBE_BATCHES = (1, 3)  # two batch sizes: the symbolic batch dimension is exercised, not just traced
 
@@ -109,6 +111,22 @@ def forward_fn(model, variables):
   return forward
 
 
+def with_postprocess(forward, config, categories, size):
+  """The forward followed by inference.panoptic_inference at the exported size (the config's eval
+  thresholds, `categories`' thing classes baked in): adds 'panoptic' int32 [b, H, W] (0 void, else the
+  query index + 1), 'segment_class', 'segment_score', 'segment_isthing' and 'query_segment' [b, Q]."""
+  from maskformer_jax import inference
+  is_thing = inference.is_thing_array(categories)
+
+  def forward_postprocessed(images):
+    out = forward(images)
+    result = inference.panoptic_inference(
+        out["pred_logits"], out["pred_masks"], is_thing=is_thing, out_size=tuple(int(v) for v in size),
+        object_mask_threshold=config.eval.object_mask_threshold, overlap_threshold=config.eval.overlap_threshold)
+    return {**out, **{name: result[key] for name, key in zip(PANOPTIC_OUTPUTS, PANOPTIC_KEYS)}}
+  return forward_postprocessed
+
+
 def input_spec(size, dtype=jnp.uint8):
   """The exported input: a symbolic batch `b` of fixed-size RGB images."""
   (b,) = jax.export.symbolic_shape("b")
@@ -130,20 +148,20 @@ def probe_inputs(size, n, seed=0) -> np.ndarray:
 
 def _compare(reference, got) -> dict:
   return {k: float(np.max(np.abs(np.asarray(reference[k], np.float32) - np.asarray(got[k], np.float32))))
-          for k in OUTPUTS}
+          for k in reference}
 
 
 def verify(forward, run_exported, size, batches=PROBE_BATCHES, tolerance=TOLERANCE) -> dict:
   """The exported model vs the JAX forward on probe images at each batch size: max-abs per output."""
   reference_fn = jax.jit(forward)
-  diffs, shapes = {k: 0.0 for k in OUTPUTS}, {}
+  diffs, shapes = {}, {}
   for i, n in enumerate(batches):
     images = probe_inputs(size, n, seed=i)
     reference = jax.device_get(reference_fn(images))
     got = run_exported(images)
     for k, d in _compare(reference, got).items():
-      diffs[k] = max(diffs[k], d)
-    shapes = {k: ["b"] + list(np.shape(reference[k])[1:]) for k in OUTPUTS}
+      diffs[k] = max(diffs.get(k, 0.0), d)
+    shapes = {k: ["b"] + list(np.shape(v)[1:]) for k, v in reference.items()}
   passed = all(np.isfinite(d) and d <= tolerance for d in diffs.values())
   return {"probe_batches": list(batches), "max_abs_diff": diffs, "tolerance": tolerance,
           "outputs": shapes, "passed": bool(passed), "probe_images": images, "probe_outputs": got}
@@ -175,10 +193,11 @@ def export_onnx(forward, size, out_dir, platforms=None) -> dict:
                       "part of the project's lock). Use --format stablehlo.") from None
   h, w = int(size[0]), int(size[1])
   path = os.path.join(out_dir, "model.onnx")
-  as_tuple = lambda x: tuple(forward(x)[k] for k in OUTPUTS)  # noqa: E731
+  names = list(jax.eval_shape(forward, jax.ShapeDtypeStruct((1, h, w, 3), jnp.uint8)))
+  as_tuple = lambda x: tuple(forward(x)[k] for k in names)  # noqa: E731
   try:
     jax2onnx.to_onnx(as_tuple, inputs=[("b", h, w, 3)], return_mode="file", output_path=path,
-                     input_names=["images"], output_names=list(OUTPUTS))
+                     input_names=["images"], output_names=names)
   except Exception as e:  # noqa: BLE001 -- the converter's failures name the operation it cannot convert
     version = importlib.metadata.version("jax2onnx")
     raise ExportError(f"jax2onnx {version} cannot convert the model: {_first_line(e)}. The operation named "
@@ -187,7 +206,7 @@ def export_onnx(forward, size, out_dir, platforms=None) -> dict:
   name = session.get_inputs()[0].name
 
   def run(images):
-    return dict(zip(OUTPUTS, session.run(None, {name: np.asarray(images, np.float32)})))
+    return dict(zip(names, session.run(None, {name: np.asarray(images, np.float32)})))
 
   return {"file": "model.onnx", "input_dtype": "float32", "onnxruntime_version": onnxruntime.__version__, **verify(forward, run, size)}
 
@@ -203,6 +222,20 @@ def export_savedmodel(forward, size, out_dir, platforms=None) -> dict:
     raise ExportError("--format savedmodel needs TensorFlow and orbax-export, the optional extra 'tf': "
                       "pip install -e '.[tf]' (or use --format stablehlo).") from None
   raise ExportError("--format savedmodel is not implemented yet; use --format stablehlo.")
+
+
+def _categories(config, path):
+  """The categories for --postprocess: --categories FILE, else the configured dataset's."""
+  from maskformer_jax import prediction
+  try:
+    categories = prediction.load_categories(config, paths.absolute(path) if path else "")
+  except (OSError, ValueError, KeyError) as e:
+    raise ExportError(f"--postprocess needs the categories: {e}. Give --categories FILE (a COCO panoptic "
+                      "annotation file or a list of {id, name, isthing}).") from None
+  if len(categories) != config.model.num_classes:
+    raise ExportError(f"{len(categories)} categories (from {path or 'config.data'}) but the model has "
+                      f"config.model.num_classes={config.model.num_classes}.")
+  return categories
 
 
 def write_card(out_dir, config, variables, record, images, outputs) -> None:
@@ -222,7 +255,8 @@ def write_card(out_dir, config, variables, record, images, outputs) -> None:
 EXPORTERS = {"stablehlo": export_stablehlo, "onnx": export_onnx, "savedmodel": export_savedmodel}
 
 
-def export(ckpt_dir, fmt, out_dir, size=None, which="latest", platforms=None) -> dict:
+def export(ckpt_dir, fmt, out_dir, size=None, which="latest", platforms=None, postprocess=False,
+           categories="") -> dict:
   """Exports a checkpoint in `fmt` to `out_dir`, verifies it and writes OUT/export.json; the record."""
   if fmt not in EXPORTERS:
     raise ExportError(f"--format {fmt!r} is not one of {list(FORMATS)}.")
@@ -232,11 +266,14 @@ def export(ckpt_dir, fmt, out_dir, size=None, which="latest", platforms=None) ->
     raise ExportError(f"--size {size} must be two positive numbers H W.")
   out_dir = paths.absolute(str(out_dir))
   os.makedirs(out_dir, exist_ok=True)
-  result = EXPORTERS[fmt](forward_fn(model, variables), size, out_dir, platforms)
+  forward = forward_fn(model, variables)
+  if postprocess:
+    forward = with_postprocess(forward, config, _categories(config, categories), size)
+  result = EXPORTERS[fmt](forward, size, out_dir, platforms)
   images, outputs = result.pop("probe_images"), result.pop("probe_outputs")
   record = {"format": fmt, "checkpoint": paths.absolute(str(ckpt_dir)), "step": step,
             "inputs": [{"name": "images", "shape": ["b", size[0], size[1], 3], "dtype": result.pop("input_dtype", "uint8")}],
-            "params": "constants", "jax_version": jax.__version__, **result}
+            "postprocess": bool(postprocess), "params": "constants", "jax_version": jax.__version__, **result}
   with open(os.path.join(out_dir, "export.json"), "w") as f:
     json.dump(record, f, indent=2, sort_keys=True)
   write_card(out_dir, config, variables, record, images, outputs)
@@ -258,10 +295,15 @@ def main(argv=None) -> int:
                       "(default: the config's data.eval_size)")
   parser.add_argument("--platforms", help="stablehlo: comma-separated platforms to lower for, e.g. "
                       "cpu,cuda,tpu (default: this machine's; the check runs here)")
+  parser.add_argument("--postprocess", action="store_true", help="include the panoptic post-processing "
+                      "(inference.panoptic_inference at the exported size)")
+  parser.add_argument("--categories", default="", help="with --postprocess: JSON file with the categories "
+                      "(default: those of config.data)")
   args = parser.parse_args(argv)
   platforms = tuple(args.platforms.split(",")) if args.platforms else None
   try:
-    record = export(args.checkpoint, args.format, args.out, args.size, args.step, platforms)
+    record = export(args.checkpoint, args.format, args.out, args.size, args.step, platforms,
+                    args.postprocess, args.categories)
   except ExportError as e:
     print(f"export failed: {e}", file=sys.stderr)
     return 1

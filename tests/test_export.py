@@ -60,10 +60,20 @@ def test_cli_stablehlo_fpn(fpn_checkpoint, tmp_path, capsys):
   assert str(loaded.in_avals[0].shape[0]) == "b" and loaded.in_avals[0].dtype == jnp.uint8
 
 
-def test_stablehlo_transformer_encoder(tmp_path):
+def test_stablehlo_transformer_encoder_postprocess(tmp_path):
+  """The "+6 Enc" pixel decoder, exported with the panoptic post-processing inside."""
   ckpt = _converted(tmp_path / "ckpt", "transformer_encoder")
-  record = export.export(ckpt, "stablehlo", tmp_path / "out", size=SIZE)
-  assert record["passed"] and all(d <= 1e-4 for d in record["max_abs_diff"].values()), record
+  categories = tmp_path / "categories.json"
+  categories.write_text(json.dumps([{"id": i + 1, "name": f"c{i}", "isthing": int(i < 3)} for i in range(5)]))
+  record = export.export(ckpt, "stablehlo", tmp_path / "out", size=SIZE, postprocess=True,
+                         categories=str(categories))
+  assert record["passed"] and record["postprocess"], record
+  assert set(record["max_abs_diff"]) == set(export.OUTPUTS + export.PANOPTIC_OUTPUTS)
+  assert all(d <= 1e-4 for d in record["max_abs_diff"].values()), record
+  assert record["outputs"]["panoptic"] == ["b", 64, 64] and record["outputs"]["segment_class"] == ["b", 8]
+  with pytest.raises(export.ExportError, match="2 categories .*num_classes=5"):
+    categories.write_text(json.dumps([{"id": 1, "name": "a", "isthing": 1}, {"id": 2, "name": "b"}]))
+    export.export(ckpt, "stablehlo", tmp_path / "out2", size=SIZE, postprocess=True, categories=str(categories))
   assert (tmp_path / "out" / "model.stablehlo").stat().st_size > 0
 
 
@@ -100,7 +110,7 @@ def test_onnx_conversion_failure_names_the_operation(monkeypatch, tmp_path):
   monkeypatch.setattr(export.importlib.metadata, "version", lambda name: "0.0")
   with pytest.raises(export.ExportError, match="cannot convert the model: NotImplementedError: No ONNX handler "
                      "for primitive 'reduce_precision'.*use --format stablehlo"):
-    export.export_onnx(lambda x: x, SIZE, tmp_path)
+    export.export_onnx(lambda x: {"pred_logits": x}, SIZE, tmp_path)
 
 
 def test_onnx_with_installed_jax2onnx(fpn_checkpoint, tmp_path):
