@@ -131,8 +131,9 @@ def train_and_evaluate(config, workdir: str):
         metrics_lib.log(f"Stopped by a signal: saved step {step}; rerun the same command to resume.")
         break
     saver.finish()
-    write_card(config, workdir, model, mesh, state, step=step, stopped=_Stop.requested, skipped=skipped_total,
-               wall_time_s=time.time() - t_start, evals=last_evals, source=train_source)
+    if not _Stop.requested:  # preempted: the grace period is short, and the resumed run writes it
+      write_card(config, workdir, model, mesh, state, step=step, skipped=skipped_total,
+                 wall_time_s=time.time() - t_start, evals=last_evals, source=train_source)
   except BaseException:
     try:  # let a save in flight complete (bounded), but report the error that stopped the run
       saver.finish(timeout_s=min(60.0, saver.timeout_s))
@@ -146,11 +147,10 @@ def train_and_evaluate(config, workdir: str):
   return state
 
 
-def write_card(config, workdir, model, mesh, state, *, step, stopped, skipped, wall_time_s, evals,
-               source):
+def write_card(config, workdir, model, mesh, state, *, step, skipped, wall_time_s, evals, source):
   """The model card of the saved final state (maskformer_jax.card). A card that cannot be written is
   an error in the log, not a lost run: the checkpoint is already saved."""
-  training = {"step": int(step), "total_steps": int(config.total_steps), "stopped_by_signal": bool(stopped),
+  training = {"step": int(step), "total_steps": int(config.total_steps),
               "global_batch": int(config.batch_size), "grad_accum_steps": int(config.grad_accum_steps),
               "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
               "mesh": {k: int(v) for k, v in mesh.shape.items()}, "processes": jax.process_count(),
