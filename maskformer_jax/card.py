@@ -47,10 +47,15 @@ def probe_size(config) -> tuple[int, int]:
 
 
 def probe_inputs(config, n=2) -> np.ndarray:
-  """n fixed uint8 [n, H, W, 3] images (seeded noise over smooth gradients), the same for a config's
-  probe size on every machine; stored with the card so verification reuses the exact inputs."""
-  h, w = probe_size(config)
-  rng = np.random.default_rng(20240)
+  """n fixed uint8 [n, H, W, 3] images at the config's probe size (`probe_images`), the same on every
+  machine; stored with the card so verification reuses the exact inputs."""
+  return probe_images(probe_size(config), n)
+
+
+def probe_images(size, n, seed=20240) -> np.ndarray:
+  """n seeded uint8 [n, H, W, 3] images (noise over smooth gradients, so activations vary) at `size`."""
+  h, w = int(size[0]), int(size[1])
+  rng = np.random.default_rng(seed)
   yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
   base = np.stack([yy, xx, 1 - (yy + xx) / 2], -1)[None] * 200
   noise = rng.integers(0, 56, size=(n, h, w, 3))

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from maskformer_jax import card as card_lib
 from maskformer_jax import checkpoint
 from maskformer_jax import config as config_lib
 from maskformer_jax import paths
@@ -133,19 +134,6 @@ def input_spec(size, dtype=jnp.uint8):
   return jax.ShapeDtypeStruct((b, int(size[0]), int(size[1]), 3), dtype)
 
 
-def probe_inputs(size, n, seed=0) -> np.ndarray:
-  """Seeded uint8 images [n, H, W, 3]: smooth colour fields with noise, so that activations vary."""
-  rng = np.random.default_rng(seed)
-  h, w = int(size[0]), int(size[1])
-  yy, xx = np.mgrid[:h, :w] / max(h, w)
-  images = []
-  for _ in range(n):
-    a, b, c = rng.uniform(-3, 3, (3, 3))
-    base = 127 + 100 * np.sin(a[:, None, None] * yy + b[:, None, None] * xx + c[:, None, None])
-    images.append(np.moveaxis(base, 0, -1) + rng.normal(0, 12, (h, w, 3)))
-  return np.clip(np.stack(images), 0, 255).astype(np.uint8)
-
-
 def _compare(reference, got) -> dict:
   return {k: float(np.max(np.abs(np.asarray(reference[k], np.float32) - np.asarray(got[k], np.float32))))
           for k in reference}
@@ -156,7 +144,7 @@ def verify(forward, run_exported, size, batches=PROBE_BATCHES, tolerance=TOLERAN
   reference_fn = jax.jit(forward)
   diffs, shapes = {}, {}
   for i, n in enumerate(batches):
-    images = probe_inputs(size, n, seed=i)
+    images = card_lib.probe_images(size, n, seed=i)
     reference = jax.device_get(reference_fn(images))
     got = run_exported(images)
     for k, d in _compare(reference, got).items():
@@ -243,7 +231,6 @@ def write_card(out_dir, config, variables, record, images, outputs) -> None:
   digests, the verification record, and the exported model's outputs on the last probe batch (at the
   exported size, which card.probe_inputs' fixed canvas need not be), for a serving runtime to check
   itself against."""
-  from maskformer_jax import card as card_lib
   c = card_lib.base_card(config, "export")
   c["weights"] = card_lib.weights_digest(variables)
   c["export"] = record
