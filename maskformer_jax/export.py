@@ -159,8 +159,9 @@ def export_stablehlo(forward, size, out_dir, platforms=None) -> dict:
   """OUT/model.stablehlo for `platforms` (default: this machine's backend), read back and verified here."""
   exported = jax.export.export(jax.jit(forward), platforms=platforms)(input_spec(size))
   path = os.path.join(out_dir, "model.stablehlo")
+  data = exported.serialize()  # before opening: a failure leaves no empty file behind
   with open(path, "wb") as f:
-    f.write(exported.serialize())
+    f.write(data)
   with open(path, "rb") as f:
     loaded = jax.export.deserialize(bytearray(f.read()))
   result = verify(forward, lambda x: jax.device_get(loaded.call(x)), size)

@@ -113,22 +113,6 @@ def test_onnx_conversion_failure_names_the_operation(monkeypatch, tmp_path):
     export.export_onnx(lambda x: {"pred_logits": x}, SIZE, tmp_path)
 
 
-def test_onnx_with_installed_jax2onnx(fpn_checkpoint, tmp_path):
-  """jax2onnx 0.13.0 (the newest the lock admits) fails on flax's max_pool in the ResNet stem; a version
-  that converts the model must also match it."""
-  pytest.importorskip("jax2onnx")
-  pytest.importorskip("onnxruntime")
-  model_config, variables = convert.load_converted(str(fpn_checkpoint))
-  forward = export.forward_fn(build_model(model_config), variables)
-  try:
-    record = export.export_onnx(forward, SIZE, tmp_path)
-  except export.ExportError as e:
-    assert "cannot convert the model" in str(e) and "--format stablehlo" in str(e)
-    assert "max_pool" in str(e)
-  else:
-    assert record["passed"], record
-
-
 def test_savedmodel_needs_tensorflow(tmp_path):
   if all(export.importlib.util.find_spec(m) for m in ("tensorflow", "orbax.export")):
     pytest.skip("TensorFlow and orbax-export are installed")
