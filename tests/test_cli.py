@@ -14,6 +14,8 @@ from maskformer_jax import startup
 from maskformer_jax import training
 from maskformer_jax.data import pipeline
 
+from _multihost_worker import ground_truth_eval_step
+
 ROOT = pathlib.Path(__file__).parent.parent
 TINY = f"{ROOT}/configs/coco_panoptic.py:runlocal"
 
@@ -183,23 +185,6 @@ def test_progress_eta():
   assert metrics.format_eta(3725) == "1h02m05s"
 
 
-def _ground_truth_eval_step(num_classes):
-  """An eval step that "predicts" each example's ground truth from its batch: query m is segment slot m
-  (its class from `labels`, its mask from `segments` at stride 4), unused slots no-object."""
-  import jax
-  import jax.numpy as jnp
-
-  @jax.jit
-  def step(state, batch):
-    del state
-    seg = batch["segments"][:, ::4, ::4]
-    slots = jnp.arange(batch["labels"].shape[1])
-    masks = jnp.where(seg[:, None] == slots[None, :, None, None], 20.0, -20.0)
-    classes = jnp.where(batch["valid"], batch["labels"], num_classes)
-    return {"pred_logits": 20.0 * jax.nn.one_hot(classes, num_classes + 1), "pred_masks": masks}
-  return step
-
-
 def test_evaluators_score_ground_truth_as_prediction(tmp_path):
   """The evaluators' own loop (pipeline, eval step, post-processing at the original resolution, the id
   mapping, the accumulators) fed the ground truth: every segment is recognised (RQ 100) and the stride-4
@@ -214,7 +199,7 @@ def test_evaluators_score_ground_truth_as_prediction(tmp_path):
     c.evals.miou = dict(c.evals.val.to_dict(), type="semantic", image_summaries=0)
   import jax
   mesh = sharding.make_mesh(c.mesh, devices=jax.devices()[:1])
-  step = _ground_truth_eval_step(c.model.num_classes)
+  step = ground_truth_eval_step(c.model.num_classes)
   rows = {name: run(None, mesh, step) for name, run in common.from_config(c).items()}
   row, images = rows["val"]
   assert row["num_images"] == 6 and row["rq_th"] > 95.0 and row["rq_st"] == pytest.approx(100.0)
