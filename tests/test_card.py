@@ -1,11 +1,8 @@
-"""Model cards (maskformer_jax/card.py): a conversion's and a training run's card verify, and each kind of
-tampering (weights, probe outputs, source file) is named by `verify`."""
+"""Model cards (maskformer_jax/card.py): a conversion's card verifies, and each kind of tampering (weights,
+probe outputs, source file) is named by `verify`. The training run's card is checked on test_train.py's
+uninterrupted run (one training run fewer in the suite)."""
 import json
-import os
-import pathlib
 import shutil
-import subprocess
-import sys
 
 import flax
 import numpy as np
@@ -14,7 +11,6 @@ import pytest
 from maskformer_jax import card
 from maskformer_jax.convert import VARIABLES_FILE
 
-ROOT = pathlib.Path(__file__).parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +35,10 @@ def test_conversion_card_verifies(converted, capsys):
   assert c["kind"] == "conversion" and c["provenance"]["format"] == "hf"
   assert c["provenance"]["check"]["passed"]
   assert [x["name"] for x in c["inference"]["categories"]] == ["LABEL_0", "LABEL_1"]
+  # The colours overlays draw them in (the palette's, as these categories bring none of their own).
+  assert [x["color"] for x in c["inference"]["categories"]] == [[220, 20, 60], [255, 200, 0]]
+  assert card.categories(ckpt) is None  # names only (HF's id2label): predict needs ids and thing flags
+  assert card.categories(converted / "hf") is None  # no card there
   assert c["probes"]["outputs"]["pred_logits"]["shape"] == [2, 4, 3]
   assert c["weights"]["modules"].keys() >= {"params/backbone", "batch_stats/backbone"}
   assert (ckpt / "CARD.md").read_text().startswith("# MaskFormer (resnet, 2 classes")
@@ -89,23 +89,14 @@ def test_other_source_is_named(converted, tmp_path):
   assert card.verify(converted / "ckpt", source=stranger)[0].startswith("source: model.bin is not among")
 
 
-def test_training_writes_a_card_that_verifies(tmp_path):
-  from maskformer_jax.data import synthetic
-  data = synthetic.generate(tmp_path / "data", num_train=8, num_val=2, image_size=(64, 64), seed=0)
-  workdir = tmp_path / "run"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  r = subprocess.run([sys.executable, "-m", "maskformer_jax.train",
-                      f"--config={ROOT}/configs/coco_panoptic.py:runlocal", f"--workdir={workdir}",
-                      f"--config.data.root={data}", "--config.total_steps=2", "--config.evals.val.every=0",
-                      "--config.train.log_every=1", "--config.batch_size=2"],
-                     env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
-  c = card.read(workdir)
-  assert c["kind"] == "training"
-  t = c["training"]
-  assert (t["step"], t["global_batch"], t["devices"], t["processes"]) == (2, 2, 2, 1)
-  assert t["mesh"] == {"data": 2, "model": 1}
-  assert c["data"]["images"] == 8 and len(c["data"]["annotations"]["sha256"]) == 64
-  assert len(c["inference"]["categories"]) == c["model"]["num_classes"]
-  assert card.verify(workdir) == []
-  assert np.load(workdir / card.PROBES_FILE)["images"].dtype == np.uint8
+def test_category_colours_are_their_own_else_the_palette():
+  from maskformer_jax import visualize
+  cats = [{"id": 7, "name": "a", "isthing": 1, "contiguous_id": 0, "color": [1, 2, 3]},
+          {"id": 9, "name": "b", "isthing": 0, "contiguous_id": 1}]
+  assert visualize.category_color(cats[0]) == (1, 2, 3)
+  assert visualize.category_color(cats[1]) == tuple(visualize.PALETTE[1])
+  id_map = np.array([[0, 5], [6, 6]])
+  rgb = visualize.colorize(id_map, [{"id": 6, "category_id": 9, "isthing": 0},
+                                    {"id": 5, "category_id": 7, "isthing": 0}], cats)
+  assert rgb[0, 0].tolist() == [0, 0, 0] and rgb[0, 1].tolist() == [1, 2, 3]
+  assert rgb[1, 0].tolist() == list(visualize.PALETTE[1])

@@ -116,6 +116,17 @@ def test_uninterrupted_run_writes_metrics_and_checkpoints(env, baseline):
   assert config["total_steps"] == TOTAL and config["data"]["root"] == str(env["data"])
   state = final_state(workdir)
   assert int(state["step"]) == TOTAL
+  # The model card written at the final save (maskformer_jax/card.py) describes this run and verifies.
+  from maskformer_jax import card
+  c = card.read(workdir)
+  assert c["kind"] == "training"
+  t = c["training"]
+  assert (t["step"], t["global_batch"], t["devices"], t["processes"]) == (TOTAL, 4, 2, 1)
+  assert t["mesh"] == {"data": 2, "model": 1}
+  assert c["data"]["images"] == 24 and len(c["data"]["annotations"]["sha256"]) == 64
+  assert len(c["inference"]["categories"]) == c["model"]["num_classes"]
+  assert card.verify(workdir) == []
+  assert np.load(workdir / card.PROBES_FILE)["images"].dtype == np.uint8
 
 
 @pytest.mark.slow
@@ -175,10 +186,12 @@ def test_corrupted_newest_checkpoint_falls_back(env, baseline):
 
 @pytest.mark.slow
 def test_evaluate_and_predict_clis(env, baseline, tmp_path):
+  """Both from the checkpoint alone (no --config: the workdir's config.json); predict also without the
+  dataset, its categories coming from the model card."""
+  import shutil
   from PIL import Image
   workdir = baseline[0]
-  common = [f"--config={TINY}", f"--config.data.root={env['data']}"]
-  r = subprocess.run([sys.executable, "-m", "maskformer_jax.evaluate", *common, f"--workdir={workdir}",
+  r = subprocess.run([sys.executable, "-m", "maskformer_jax.evaluate", f"--workdir={workdir}",
                       "--checkpoint=8"], env=env["env"], cwd=ROOT, capture_output=True, text=True,
                      timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -187,12 +200,18 @@ def test_evaluate_and_predict_clis(env, baseline, tmp_path):
   assert row["pq"] == pytest.approx(PQ_AT_STEP_8, abs=0.05), row
 
   images = sorted(str(p) for p in (pathlib.Path(env["data"]) / "val2017").glob("*.jpg"))[:3]
+  alone = tmp_path / "alone"  # the run's directory where its dataset is not
+  shutil.copytree(workdir, alone, ignore=shutil.ignore_patterns("12", "4", "tensorboard"))
+  config = json.loads((alone / "config.json").read_text())
+  config["data"]["root"] = str(tmp_path / "no_such_dataset")
+  (alone / "config.json").write_text(json.dumps(config))
   out = tmp_path / "pred"
-  r = subprocess.run([sys.executable, "-m", "maskformer_jax.predict", *common, f"--checkpoint={workdir}",
+  r = subprocess.run([sys.executable, "-m", "maskformer_jax.predict", f"--checkpoint={alone}",
                       "--step=8", f"--images={pathlib.Path(env['data']) / 'val2017' / '*.jpg'}",
                       f"--out={out}"],
                      env=env["env"], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
+  assert f"Categories from the model card in {alone}" in r.stderr
   pred = json.loads((out / "predictions.json").read_text())
   assert len(pred["annotations"]) == 6
   cat_ids = {c["id"] for c in pred["categories"]}
@@ -239,37 +258,34 @@ def finish_two(procs, timeout=900):
 
 
 @pytest.mark.slow
-def test_two_processes_write_once_and_merge_evaluation(env, tmp_path):
-  """Two CPU processes (gloo) with one device each: one global batch, only process 0 writes metrics,
-  both write their data-iterator state, the evaluation covers every validation image exactly once."""
-  workdir = tmp_path / "multi"
-  procs = start_two(env, workdir, "--config.total_steps=2", "--config.evals.val.every=2")
-  errs = finish_two(procs)
-  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in rows] == [1, 2, 2]  # two train rows and one eval row: process 0 only
+def test_two_processes_write_once_merge_evaluation_and_resume_a_preemption_identically(env, tmp_path):
+  """Two CPU processes (gloo) with one device each (the uninterrupted run and a preempted one share the
+  test: a 2-process run costs a minute of start-up here).
+
+  Uninterrupted: one global batch, only process 0 writes metrics, both write their data-iterator state,
+  the final evaluation covers every validation image exactly once and gives the PQ one process computes
+  from the same checkpoint (the hosts' accumulators summed).
+
+  A pod's preemption: SIGTERM reaches every process (a real signal). JAX's preemption service makes them
+  agree on one step: both save it and exit 0; rerun, the run ends with the parameters of the uninterrupted
+  2-process run (each process reads its own shard of the data, so a 1-process run is a different run)."""
+  straight = tmp_path / "straight"
+  errs = finish_two(start_two(env, straight, f"--config.evals.val.every={TOTAL}"))
+  rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [*range(1, TOTAL + 1), TOTAL]  # train rows + one eval row, once
   assert rows[-1]["num_images"] == 6 and rows[-1]["eval"] == "val"
-  data = sorted(p.name for p in (workdir / "checkpoints" / "2" / "data").glob("process_*"))
+  data = sorted(p.name for p in (straight / "checkpoints" / str(TOTAL) / "data").glob("process_*"))
   assert data == ["process_0-of-2.json", "process_1-of-2.json"]
   assert "2 process(es), 2 devices" in errs[0]
-  # The two hosts' summed accumulators give the PQ one process computes from the same checkpoint.
   r = subprocess.run([sys.executable, "-m", "maskformer_jax.evaluate", f"--config={TINY}",
-                      f"--config.data.root={env['data']}", f"--workdir={workdir}"],
+                      f"--config.data.root={env['data']}", f"--workdir={straight}"],
                      env=one_device(env), cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   single = json.loads(r.stdout.strip().splitlines()[-1])
-  assert single["step"] == 2 and single["num_images"] == 6
+  assert single["step"] == TOTAL and single["num_images"] == 6
   for key in ("pq", "sq", "rq", "pq_th", "pq_st"):
     assert rows[-1][key] == pytest.approx(single[key], abs=1e-6), key
 
-
-@pytest.mark.slow
-def test_sigterm_to_every_process_saves_at_one_step_and_resumes_identically(env, tmp_path):
-  """A pod's preemption: SIGTERM reaches every process of a 2-process run (a real signal). JAX's
-  preemption service makes them agree on one step: both save it and exit 0; rerun, the run ends with the
-  parameters of an uninterrupted 2-process run (each process reads its own shard of the data, so a
-  1-process run is a different run)."""
-  straight = tmp_path / "straight"
-  finish_two(start_two(env, straight))
   workdir = tmp_path / "preempted"
   procs = start_two(env, workdir)
   wait_for(lambda: last_step(workdir) >= 4, procs[0])
