@@ -171,14 +171,17 @@ def data_facts(config, split=None, source=None) -> dict:
   facts["images"] = len(source)
   ann = getattr(source, "ann_path", None)
   if ann is not None:
-    facts["annotations"] = {"path": str(ann), "sha256": _sha256(ann)}
+    facts["annotations"] = {"path": str(ann), "sha256": sha256(ann)}
+  from maskformer_jax import visualize
   facts["categories"] = [
-      {k: c[k] for k in ("id", "name", "isthing", "contiguous_id", "color") if k in c}
+      {**{k: c[k] for k in ("id", "name", "isthing", "contiguous_id") if k in c},
+       "color": list(visualize.category_color(c))}
       for c in source.categories]
   return facts
 
 
-def _sha256(path) -> str:
+def sha256(path) -> str:
+  """The sha256 of a file, local or gs://."""
   h = hashlib.sha256()
   with epath.Path(path).open("rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -238,6 +241,19 @@ def read(directory) -> dict:
     raise FileNotFoundError(f"{path} not found: {directory} has no model card (a training run writes "
                             "one at its final save, python -m maskformer_jax.convert with its output).")
   return json.loads(path.read_text())
+
+
+def categories(directory) -> list[dict] | None:
+  """The categories of the card in `directory`: what the model was trained with, so predict and export
+  need neither the dataset nor --categories. None without a card, or when its categories lack the dataset
+  ids and thing/stuff flags that post-processing needs (a conversion from HF's config knows names only)."""
+  try:
+    cats = (read(directory).get("inference") or {}).get("categories")
+  except FileNotFoundError:
+    return None
+  if not cats or not all({"id", "isthing", "contiguous_id"} <= set(c) for c in cats):
+    return None
+  return [dict(c) for c in cats]
 
 
 def render(card: dict) -> str:
@@ -332,7 +348,7 @@ def _source_files(source) -> dict:
   source = os.path.abspath(os.fspath(source))
   files = ([os.path.join(source, n) for n in sorted(os.listdir(source))] if os.path.isdir(source)
            else [source])
-  return {os.path.basename(f): _sha256(f) for f in files if os.path.isfile(f)}
+  return {os.path.basename(f): sha256(f) for f in files if os.path.isfile(f)}
 
 
 def verify_source(card: dict, source) -> list[str]:
@@ -368,9 +384,45 @@ def load_variables(directory, config, card=None):
   return model, variables_of(state)
 
 
+def verify_export(directory, card: dict, *, source=None, tol=1e-4) -> list[str]:
+  """An export's card: the exported file's sha256 (the weights are baked into it), its outputs on the
+  stored probes when this machine can run the format (StableHLO), and with `source` (the checkpoint it
+  came from) the source weights' digest."""
+  record, bad = card.get("export") or {}, []
+  path = epath.Path(directory) / str(record.get("file"))
+  if not path.exists():
+    return [f"export.file: {path} is missing"]
+  if record.get("sha256") and sha256(path) != record["sha256"]:
+    bad.append(f"export.sha256: {path.name} sha256 {sha256(path)[:16]}... != the card's "
+               f"{record['sha256'][:16]}...")
+  if record.get("format") == "stablehlo":
+    with (epath.Path(directory) / PROBES_FILE).open("rb") as f:
+      images = np.load(f)["images"]
+    try:
+      exported = jax.export.deserialize(bytearray(path.read_bytes()))
+      outputs = jax.device_get(exported.call(images))
+    except Exception as e:  # noqa: BLE001 -- a damaged file is a finding, not a crash
+      bad.append(f"export.file: {path.name} does not load or run here: {type(e).__name__}: {str(e)[:200]}")
+    else:
+      bad += compare_outputs((card.get("probes") or {}).get("outputs") or {}, outputs, tol)
+  if source is not None:
+    from maskformer_jax import export
+    try:
+      _, _, variables, _ = export.load(source)
+    except export.ExportError as e:
+      return bad + [f"source: {e}"]
+    now = weights_digest(variables_of(variables))["all"]
+    if now != (card.get("weights") or {}).get("all"):
+      bad.append(f"source: the weights of {source} (sha256 {now[:16]}...) are not the ones exported "
+                 f"({str((card.get('weights') or {}).get('all'))[:16]}...)")
+  return bad
+
+
 def verify(directory, *, source=None, tol=1e-4) -> list[str]:
-  """Mismatches between the checkpoint in `directory` and its card (empty: verified)."""
+  """Mismatches between the checkpoint (or export) in `directory` and its card (empty: verified)."""
   card = read(directory)
+  if card.get("kind") == "export":
+    return verify_export(directory, card, source=source, tol=tol)
   bad = []
   config = config_from_card(card)
   model, variables = load_variables(directory, config, card)

@@ -26,10 +26,12 @@ from etils import epath
 import grain.checkpoint
 import jax
 from jax.experimental import multihost_utils
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from maskformer_jax import config as config_lib
 from maskformer_jax import convert
 from maskformer_jax import paths
 from maskformer_jax import train_step as train_step_lib
@@ -296,13 +298,49 @@ def best_step(manager) -> int | None:
   return manager.best_step()
 
 
+def _tuples(x):
+  if isinstance(x, dict):
+    return {k: _tuples(v) for k, v in x.items()}
+  return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def home(path) -> str:
+  """The directory a checkpoint `path` belongs to: the workdir for WORKDIR/checkpoints/STEP, else path.
+  That is where its config.json and card live."""
+  path = paths.absolute(str(path).rstrip("/"))
+  name, parent = os.path.basename(path), os.path.dirname(path)
+  if name.isdigit() and os.path.basename(parent) == "checkpoints":
+    return os.path.dirname(parent)
+  return path
+
+
+def load_config(path):
+  """The config a checkpoint was made with, from its config.json, so that evaluate, predict and export
+  need no --config: a training workdir's (the whole config, as training wrote it) or a converted
+  checkpoint's (the model config; the rest are the defaults). Raises FileNotFoundError naming the file."""
+  file = epath.Path(home(path)) / "config.json"
+  if not file.exists():
+    raise FileNotFoundError(f"{file} not found: the checkpoint must be a training workdir, a step directory "
+                            "in one, or a converted checkpoint (python -m maskformer_jax.convert).")
+  stored = _tuples(json.loads(file.read_text()))
+  if "source" in stored and set(stored) <= {"model", "source"}:  # a converted checkpoint
+    stored = {"model": stored["model"]}
+  config = config_lib.base_config()
+  with config.unlocked():
+    for section, values in stored.items():
+      if isinstance(values, dict) and isinstance(config.get(section), ml_collections.ConfigDict):
+        config[section].update(values)
+      else:
+        config[section] = values
+  return config
+
+
 def load_state(config, model, mesh, path, which="latest", shardings=None):
   """(state, step) to evaluate or predict with, from `path`: a training workdir (`which` = 'latest',
   'best' or a step number), a step directory inside one, or a converted checkpoint (step None)."""
   path = paths.absolute(str(path).rstrip("/"))
-  name, parent = os.path.basename(path), os.path.dirname(path)
-  if name.isdigit() and os.path.basename(parent) == "checkpoints":
-    path, which = os.path.dirname(parent), name
+  if home(path) != path:  # a step directory
+    path, which = home(path), os.path.basename(path)
   state = train_step_lib.init_state(config, model, mesh, jax.random.key(config.seed), shardings)
   if "://" not in path and not os.path.isdir(os.path.join(path, "checkpoints")):
     if os.path.exists(os.path.join(path, convert.CONFIG_FILE)):  # a converted checkpoint

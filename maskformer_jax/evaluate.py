@@ -1,7 +1,7 @@
 """Command line: evaluate a checkpoint with the evaluators of config.evals (PQ, mIoU) on whole splits.
 
-  python -m maskformer_jax.evaluate --config configs/demo.py --workdir runs/demo [--checkpoint best|STEP]
-      [--evals val]
+  python -m maskformer_jax.evaluate --workdir runs/demo [--checkpoint best|STEP] [--evals val]
+      [--config configs/demo.py]   (default: the config the workdir was trained with, its config.json)
 
 Each evaluator's row goes to WORKDIR/metrics.jsonl and TensorBoard (as `<name>/<metric>`) and is printed
 as one JSON line {"step", "eval", ...}. The evaluators are maskformer_jax/evaluation/.
@@ -24,7 +24,8 @@ from maskformer_jax.data import synthetic
 from maskformer_jax.evaluation import common as evaluation
 from maskformer_jax.models import build_model
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The config the workdir was trained with.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The config the workdir was trained with "
+                                          "(default: WORKDIR/config.json).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (local or gs://); rows are appended to "
                                "its metrics.jsonl.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (by config.train.best_metric) "
@@ -38,9 +39,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "With --coordinator_address:
 
 def main(argv):
   del argv
-  config = startup.start(_CONFIG.value, coordinator_address=_COORDINATOR.value,
-                         num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   workdir = paths.absolute(_WORKDIR.value)
+  config = startup.start(_CONFIG.value or startup.checkpoint_config(workdir),
+                         coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                         process_id=_PROCESS_ID.value)
   config_lib.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
   evaluators = evaluation.from_config(config)
   unknown = sorted(set(_EVALS.value) - set(evaluators))
@@ -67,5 +69,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
+  flags.mark_flags_as_required(["workdir"])
   app.run(main)

@@ -36,7 +36,6 @@ import numpy as np
 
 from maskformer_jax import card as card_lib
 from maskformer_jax import checkpoint
-from maskformer_jax import config as config_lib
 from maskformer_jax import paths
 from maskformer_jax import sharding
 from maskformer_jax.models import build_model
@@ -54,35 +53,14 @@ class ExportError(Exception):
   """An export that cannot be made or does not match the JAX model (the CLI prints it and exits 1)."""
 
 
-def _tuples(x):
-  if isinstance(x, dict):
-    return {k: _tuples(v) for k, v in x.items()}
-  return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
-
-
 def load_config(ckpt_dir) -> ml_collections.ConfigDict:
-  """The config of a checkpoint from its config.json: a training workdir's (the whole config, written
-  by training) or a converted checkpoint's (the model config only; the rest are the defaults)."""
-  path = os.path.join(ckpt_dir, "config.json")
-  if not os.path.exists(path):
-    parent = os.path.dirname(os.path.dirname(ckpt_dir.rstrip("/")))  # WORKDIR/checkpoints/STEP
-    if os.path.basename(ckpt_dir.rstrip("/")).isdigit() and os.path.exists(os.path.join(parent, "config.json")):
-      path = os.path.join(parent, "config.json")
-    else:
-      raise ExportError(f"{path} not found: --checkpoint must be a training workdir, a step directory in "
-                        "one, or a converted checkpoint (python -m maskformer_jax.convert).")
-  with open(path) as f:
-    stored = _tuples(json.load(f))
-  config = config_lib.base_config()
-  if "source" in stored and set(stored) <= {"model", "source"}:  # a converted checkpoint
-    stored = {"model": stored["model"]}
+  """checkpoint.load_config on one device: export traces a single-device program."""
+  try:
+    config = checkpoint.load_config(ckpt_dir)
+  except FileNotFoundError as e:
+    raise ExportError(str(e)) from None
   with config.unlocked():
-    for section, values in stored.items():
-      if isinstance(values, dict) and section in config and isinstance(config[section], ml_collections.ConfigDict):
-        config[section].update(values)
-      else:
-        config[section] = values
-    config.mesh.data, config.mesh.model = 1, 1  # one device: export traces a single-device program
+    config.mesh.data, config.mesh.model = 1, 1
   return config
 
 
@@ -171,9 +149,10 @@ def export_stablehlo(forward, size, out_dir, platforms=None) -> dict:
 
 def export_onnx(forward, size, out_dir, platforms=None) -> dict:
   """OUT/model.onnx through jax2onnx (float32 input: ONNX Runtime's convolutions take floats), run with
-  onnxruntime and verified. jax2onnx 0.13.0 (the newest the lock admits) cannot convert our models: its
-  replacement of flax.linen.max_pool takes window_shape by keyword only (the ResNet stem passes it by
-  position), and its linen.pool takes padding 'SAME'/'VALID' only (the stem pads ((1, 1), (1, 1)))."""
+  onnxruntime and verified. jax2onnx 0.13.0 (the newest the lock admits) converts our models but writes
+  graphs onnxruntime refuses: its BatchNorm conversion leaves the convolution's NCHW output untransposed
+  before an NHWC residual add ("Incompatible dimensions"); traced at the primitive level instead, it has
+  no conversion for JAX 0.10's `stack`. Both failures are reported as ExportError naming the cause."""
   try:
     import jax2onnx
     import onnxruntime
@@ -191,7 +170,13 @@ def export_onnx(forward, size, out_dir, platforms=None) -> dict:
     version = importlib.metadata.version("jax2onnx")
     raise ExportError(f"jax2onnx {version} cannot convert the model: {_first_line(e)}. The operation named "
                       "there has no working ONNX conversion in this jax2onnx; use --format stablehlo.") from None
-  session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+  try:
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+  except Exception as e:  # noqa: BLE001 -- onnxruntime's load errors name the node it cannot accept
+    version = importlib.metadata.version("jax2onnx")
+    raise ExportError(f"jax2onnx {version} wrote {path}, which onnxruntime {onnxruntime.__version__} cannot "
+                      f"load: {_first_line(e)}. That is a conversion error of this jax2onnx; use --format "
+                      "stablehlo.") from None
   name = session.get_inputs()[0].name
 
   def run(images):
@@ -213,26 +198,28 @@ def export_savedmodel(forward, size, out_dir, platforms=None) -> dict:
   raise ExportError("--format savedmodel is not implemented yet; use --format stablehlo.")
 
 
-def _categories(config, path):
-  """The categories for --postprocess: --categories FILE, else the configured dataset's."""
+def _categories(config, path, ckpt_dir):
+  """The categories for --postprocess: --categories FILE, else the checkpoint's card, else the dataset's."""
   from maskformer_jax import prediction
   try:
-    categories = prediction.load_categories(config, paths.absolute(path) if path else "")
+    categories, where = prediction.load_categories(config, paths.absolute(path) if path else "", ckpt_dir)
   except (OSError, ValueError, KeyError) as e:
     raise ExportError(f"--postprocess needs the categories: {e}. Give --categories FILE (a COCO panoptic "
                       "annotation file or a list of {id, name, isthing}).") from None
   if len(categories) != config.model.num_classes:
-    raise ExportError(f"{len(categories)} categories (from {path or 'config.data'}) but the model has "
+    raise ExportError(f"{len(categories)} categories (from {where}) but the model has "
                       f"config.model.num_classes={config.model.num_classes}.")
   return categories
 
 
-def write_card(out_dir, config, variables, record, images, outputs) -> None:
+def write_card(out_dir, config, variables, record, images, outputs, categories=None) -> None:
   """OUT/card.json, CARD.md and probes.npz (maskformer_jax.card, kind 'export'): the source weights'
   digests, the verification record, and the exported model's outputs on the last probe batch (at the
   exported size, which card.probe_inputs' fixed canvas need not be), for a serving runtime to check
-  itself against."""
+  itself against. The categories are those the export was made with (or the source card's)."""
   c = card_lib.base_card(config, "export")
+  if categories:
+    c["inference"]["categories"] = categories
   c["weights"] = card_lib.weights_digest(variables)
   c["export"] = record
   c["probes"] = {"file": card_lib.PROBES_FILE, "shape": list(images.shape),
@@ -255,16 +242,20 @@ def export(ckpt_dir, fmt, out_dir, size=None, which="latest", platforms=None, po
   out_dir = paths.absolute(str(out_dir))
   os.makedirs(out_dir, exist_ok=True)
   forward = forward_fn(model, variables)
+  used = None
   if postprocess:
-    forward = with_postprocess(forward, config, _categories(config, categories), size)
+    used = _categories(config, categories, ckpt_dir)
+    forward = with_postprocess(forward, config, used, size)
   result = EXPORTERS[fmt](forward, size, out_dir, platforms)
   images, outputs = result.pop("probe_images"), result.pop("probe_outputs")
   record = {"format": fmt, "checkpoint": paths.absolute(str(ckpt_dir)), "step": step,
+            "sha256": card_lib.sha256(os.path.join(out_dir, result["file"])),
             "inputs": [{"name": "images", "shape": ["b", size[0], size[1], 3], "dtype": result.pop("input_dtype", "uint8")}],
             "postprocess": bool(postprocess), "params": "constants", "jax_version": jax.__version__, **result}
   with open(os.path.join(out_dir, "export.json"), "w") as f:
     json.dump(record, f, indent=2, sort_keys=True)
-  write_card(out_dir, config, variables, record, images, outputs)
+  write_card(out_dir, config, variables, record, images, outputs,
+             categories=used or card_lib.categories(checkpoint.home(ckpt_dir)))
   if not record["passed"]:
     raise ExportError(f"the exported model does not match the JAX model: max-abs {record['max_abs_diff']} > "
                       f"{record['tolerance']} (see {out_dir}/export.json).")

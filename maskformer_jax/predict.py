@@ -1,11 +1,12 @@
 """Command line: panoptic predictions for image files (the library is maskformer_jax/prediction.py).
 
-  python -m maskformer_jax.predict --config configs/demo.py --checkpoint runs/demo \
-      --images 'photos/*.jpg' --out predictions/
+  python -m maskformer_jax.predict --checkpoint runs/demo --images 'photos/*.jpg' --out predictions/
 
 --checkpoint is a training workdir (newest checkpoint; --step picks another, or 'best'), a step directory
-inside it, or a converted checkpoint directory (python -m maskformer_jax.convert). Writes
-OUT/panoptic/*.png, OUT/overlays/*.png and OUT/predictions.json (COCO panoptic results format).
+inside it, or a converted checkpoint directory (python -m maskformer_jax.convert). The checkpoint alone
+suffices: the config comes from its config.json (or --config), the categories from its model card (or
+--categories; without either, from the configured dataset). Writes OUT/panoptic/*.png,
+OUT/overlays/*.png and OUT/predictions.json (COCO panoptic results format).
 """
 import glob
 
@@ -21,36 +22,36 @@ from maskformer_jax import prediction
 from maskformer_jax import sharding
 from maskformer_jax import startup
 from maskformer_jax.data import pipeline
-from maskformer_jax.data import synthetic
 from maskformer_jax.models import build_model
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The config the checkpoint was trained with.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The config the checkpoint was trained with "
+                                          "(default: the checkpoint's config.json).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, a step directory in it, or a "
                                   "converted checkpoint.")
 _STEP = flags.DEFINE_string("step", "latest", "With a workdir: 'latest', 'best' or a step number.")
 _IMAGES = flags.DEFINE_string("images", None, "Glob pattern of input images (quote it).")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _CATEGORIES = flags.DEFINE_string("categories", "", "JSON file with the categories (a COCO panoptic "
-                                  "annotation file or a list of {id, name, isthing}); default: those of "
-                                  "config.data.")
+                                  "annotation file or a list of {id, name, isthing}); default: the "
+                                  "checkpoint's model card, else config.data's.")
 
 
 def main(argv):
   del argv
-  config = startup.start(_CONFIG.value, distributed=False)  # one process, one device
+  ckpt = paths.absolute(_CHECKPOINT.value)
+  config = startup.start(_CONFIG.value or startup.checkpoint_config(ckpt), distributed=False)  # one device
   out_dir, categories_file = paths.absolute(_OUT.value), paths.absolute(_CATEGORIES.value)
   image_paths = sorted(glob.glob(paths.absolute(_IMAGES.value)))
   if not image_paths:
     raise SystemExit(f"No image matches --images={_IMAGES.value!r}.")
-  if not categories_file:
-    config = synthetic.resolve_data_root(config)
-  categories = prediction.load_categories(config, categories_file)
-  pipeline.check_num_classes(config, categories, categories_file or f"the dataset at {config.data.root!r}")
+  categories, where = prediction.load_categories(config, categories_file, ckpt)
+  logging.info("Categories from %s", where)
+  pipeline.check_num_classes(config, categories, where)
   with config.unlocked():
     config.mesh.data, config.mesh.model = 1, 1  # one device: batches are small and sizes vary
   mesh = sharding.make_mesh(config.mesh, devices=jax.local_devices()[:1])
   model = build_model(config.model)
-  state, step = checkpoint.load_state(config, model, mesh, paths.absolute(_CHECKPOINT.value), _STEP.value)
+  state, step = checkpoint.load_state(config, model, mesh, ckpt, _STEP.value)
   logging.info("Predicting with %s (step %s)", _CHECKPOINT.value, step)
   result = prediction.predict(config, state, model, mesh, image_paths, out_dir, categories)
   skipped = f" ({len(result['skipped'])} skipped as bad input)" if result["skipped"] else ""
@@ -59,5 +60,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "checkpoint", "images", "out"])
+  flags.mark_flags_as_required(["checkpoint", "images", "out"])
   app.run(main)

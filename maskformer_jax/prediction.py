@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from PIL import Image
 
+from maskformer_jax import card
+from maskformer_jax import checkpoint
 from maskformer_jax import inference
 from maskformer_jax import train_step as train_step_lib
 from maskformer_jax import visualize
@@ -27,15 +29,25 @@ from maskformer_jax.data.coco_panoptic import (BadInputPolicy, as_bad_input, dec
 from maskformer_jax.evaluation import id2rgb
 
 
-def load_categories(config, path=""):
-  """Categories as {id, name, isthing, contiguous_id}, from a JSON file or the configured dataset."""
+def load_categories(config, path="", checkpoint_dir=None) -> tuple[list[dict], str]:
+  """(categories as {id, name, isthing, contiguous_id, color?}, where they came from): the JSON file
+  `path` (a COCO panoptic annotation file or a list), else the model card of `checkpoint_dir` (what
+  the model was trained or converted with), else the configured dataset (synthetic data is generated
+  for it: the only way to learn the categories of a checkpoint without a card)."""
   if path:
     with open(path) as f:
       cats = json.load(f)
     cats = cats["categories"] if isinstance(cats, dict) else cats
     cats = sorted(cats, key=lambda c: c["id"])
-    return [{**c, "contiguous_id": i} for i, c in enumerate(cats)]
-  return pipeline.make_source(config, config.data.val_split).categories
+    return [{**c, "contiguous_id": i} for i, c in enumerate(cats)], path
+  if checkpoint_dir is not None:
+    home = checkpoint.home(checkpoint_dir)
+    cats = card.categories(home)
+    if cats:
+      return cats, f"the model card in {home}"
+  from maskformer_jax.data import synthetic
+  config = synthetic.resolve_data_root(config)
+  return pipeline.make_source(config, config.data.val_split).categories, f"the dataset at {config.data.root!r}"
 
 
 def prepare(path, config, max_instances, num_classes):

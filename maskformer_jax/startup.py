@@ -54,6 +54,15 @@ def start(config, *, coordinator_address="", num_processes=1, process_id=0, dist
   return paths.absolute_config_paths(config)
 
 
+def checkpoint_config(path):
+  """The config a checkpoint was made with (its config.json), for commands run without --config."""
+  from maskformer_jax import checkpoint  # the heavy imports only for the commands that need them
+  try:
+    return checkpoint.load_config(path)
+  except FileNotFoundError as e:
+    raise SystemExit(f"{e} Or give --config.") from None
+
+
 def exit_on_save_error(e):
   """A failed or hung checkpoint save ends the process now: orbax's stuck writer threads would
   otherwise keep it alive at exit (a pod slice idling on a dead save)."""

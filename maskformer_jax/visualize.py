@@ -13,12 +13,20 @@ PALETTE = np.array([
 ], np.uint8)
 
 
+def category_color(category) -> tuple[int, int, int]:
+  """A category's colour: its own `color` (COCO's panoptic category lists carry one), else the palette's
+  by contiguous class. Model cards record it, so a served model draws what training's summaries drew."""
+  if category.get("color") is not None:
+    return tuple(int(v) for v in category["color"])
+  return tuple(int(v) for v in PALETTE[category["contiguous_id"] % len(PALETTE)])
+
+
 def colorize(id_map, segments_info, categories):
   """Panoptic id map -> RGB: the class colour, things lightened/darkened per instance; void black."""
-  contiguous = {c["id"]: c["contiguous_id"] for c in categories}
+  colors = {c["id"]: category_color(c) for c in categories}
   out = np.zeros(id_map.shape + (3,), np.uint8)
   for i, s in enumerate(segments_info):
-    base = PALETTE[contiguous[s["category_id"]] % len(PALETTE)].astype(np.float32)
+    base = np.array(colors[s["category_id"]], np.float32)
     if s.get("isthing", True) and any(c["id"] == s["category_id"] and c["isthing"] for c in categories):
       base = np.clip(base * (0.6 + 0.8 * ((i * 0.37) % 1.0)), 0, 255)
     out[id_map == s["id"]] = base.astype(np.uint8)

@@ -1,14 +1,17 @@
 """maskformer_jax.export: StableHLO exports of tiny models match the JAX model at two batch sizes after a
 round trip through the file; ONNX and SavedModel fail with messages that say what to do."""
 import json
+import shutil
 import sys
 import types
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from maskformer_jax import card as card_lib
 from maskformer_jax import config as config_lib
 from maskformer_jax import convert
 from maskformer_jax import export
@@ -58,6 +61,21 @@ def test_cli_stablehlo_fpn(fpn_checkpoint, tmp_path, capsys):
   assert card["probes"]["outputs"]["pred_masks"]["shape"] == [3, 8, 16, 16]
   loaded = jax.export.deserialize(bytearray((out / "model.stablehlo").read_bytes()))
   assert str(loaded.in_avals[0].shape[0]) == "b" and loaded.in_avals[0].dtype == jnp.uint8
+  # The export's card verifies: the file's sha256, its outputs on the stored probes, the source weights.
+  assert card_lib.verify(out, source=fpn_checkpoint) == []
+  other = tmp_path / "other"  # the checkpoint with one weight changed is not the exported one
+  shutil.copytree(fpn_checkpoint, other)
+  variables = flax.serialization.msgpack_restore((other / convert.VARIABLES_FILE).read_bytes())
+  leaf = variables["params"]["class_embed"]["bias"]
+  variables["params"]["class_embed"]["bias"] = np.asarray(leaf) + 1e-3
+  (other / convert.VARIABLES_FILE).write_bytes(flax.serialization.msgpack_serialize(variables))
+  bad = card_lib.verify(out, source=other)
+  assert len(bad) == 1 and bad[0].startswith("source: the weights of"), bad
+  data = bytearray((out / "model.stablehlo").read_bytes())  # a damaged file is named, not a crash
+  data[len(data) // 2] ^= 0xFF
+  (out / "model.stablehlo").write_bytes(bytes(data))
+  bad = card_lib.verify(out)
+  assert bad and bad[0].startswith("export.sha256: model.stablehlo"), bad
 
 
 def test_stablehlo_transformer_encoder_postprocess(tmp_path):
@@ -110,6 +128,19 @@ def test_onnx_conversion_failure_names_the_operation(monkeypatch, tmp_path):
   monkeypatch.setattr(export.importlib.metadata, "version", lambda name: "0.0")
   with pytest.raises(export.ExportError, match="cannot convert the model: NotImplementedError: No ONNX handler "
                      "for primitive 'reduce_precision'.*use --format stablehlo"):
+    export.export_onnx(lambda x: {"pred_logits": x}, SIZE, tmp_path)
+
+
+def test_onnx_that_onnxruntime_refuses_is_named(monkeypatch, tmp_path):
+  """jax2onnx 0.13 writes graphs with mislaid layouts; onnxruntime's refusal becomes an ExportError."""
+  def session(path, providers):
+    raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Node (node_Add_77) Op (Add) Incompatible dimensions")
+  monkeypatch.setitem(sys.modules, "jax2onnx", types.SimpleNamespace(to_onnx=lambda *a, **k: None))
+  monkeypatch.setitem(sys.modules, "onnxruntime", types.SimpleNamespace(InferenceSession=session,
+                                                                        __version__="9.9"))
+  monkeypatch.setattr(export.importlib.metadata, "version", lambda name: "0.0")
+  with pytest.raises(export.ExportError, match="onnxruntime 9.9 cannot load: RuntimeError: .*node_Add_77.*"
+                     "use --format stablehlo"):
     export.export_onnx(lambda x: {"pred_logits": x}, SIZE, tmp_path)
 
 

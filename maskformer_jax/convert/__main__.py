@@ -19,6 +19,7 @@ import jax
 from maskformer_jax import card
 from maskformer_jax import config as config_lib
 from maskformer_jax import paths
+from maskformer_jax import visualize
 from maskformer_jax.convert import (check_detectron2_roundtrip, from_detectron2, from_hf,
                                     model_config_from_hf, provenance, read_detectron2, save_converted)
 from maskformer_jax.convert.hf import check_hf_parity, load_hf
@@ -77,8 +78,9 @@ def write_card(out, model_config: dict, variables, source: dict, *, hf_config=No
   if "unavailable" in c["data"]:  # the usual case: no dataset in the config
     c["data"] = {"note": "no dataset was read: the weights were trained on the source's data"}
   if not c["inference"]["categories"] and hf_config is not None and getattr(hf_config, "id2label", None):
-    c["inference"]["categories"] = [{"contiguous_id": int(i), "name": str(n)}
-                                    for i, n in sorted(hf_config.id2label.items(), key=lambda t: int(t[0]))]
+    c["inference"]["categories"] = [  # names only: HF's configs carry no dataset ids nor thing/stuff flags
+        {"contiguous_id": int(i), "name": str(n), "color": list(visualize.category_color({"contiguous_id": int(i)}))}
+        for i, n in sorted(hf_config.id2label.items(), key=lambda t: int(t[0]))]
   c["provenance"] = source
   c, probes = card.add_fingerprint(c, config, build_model(config.model), card.variables_of(variables))
   card.write(out, c, probes)

@@ -152,7 +152,10 @@ class _Stem(nn.Module):
   def __call__(self, x, train):
     x = _conv(self.width, 7, 2, self.dtype, "conv")(x)
     x = nn.relu(_norm(self.norm, train, self.dtype, "bn")(x))
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    # The -inf padding written out and a VALID pool: the same values, and a form every exporter takes
+    # (jax2onnx's pool accepts only 'SAME'/'VALID' padding).
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    return nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
 
 
 def resnet(cfg, dtype, name):
