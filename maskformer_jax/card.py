@@ -281,6 +281,13 @@ def render(card: dict) -> str:
             f"- thresholds: {inf.get('thresholds')}"]
   if card.get("provenance"):
     lines += ["", "## Provenance", ""] + [f"- {k}: {v}" for k, v in card["provenance"].items()]
+  if card.get("export"):
+    e = card["export"]
+    lines += ["", "## Export", "", f"- {e.get('format')}: {e.get('file')} (sha256 {e.get('sha256')}) from "
+              f"{e.get('checkpoint')} step {e.get('step')}",
+              f"- inputs {e.get('inputs')}; outputs {e.get('outputs')}; postprocess {e.get('postprocess')}",
+              f"- checked on {e.get('verified_on')} against the JAX model at batches {e.get('probe_batches')}: "
+              f"max-abs {e.get('max_abs_diff')} (tolerance {e.get('tolerance')}), passed {e.get('passed')}"]
   lines += ["", "## Fingerprint", ""]
   w = card.get("weights") or {}
   lines.append(f"- weights sha256: {w.get('all')} ({w.get('values', 0):,} values)")
@@ -292,8 +299,9 @@ def render(card: dict) -> str:
             f"- python {card.get('python')} on {card.get('platform')}",
             "- packages: " + ", ".join(f"{k} {v}" for k, v in (card.get("packages") or {}).items()),
             f"- seed: {c.get('seed')}",
-            "", f"Check it: `python -m maskformer_jax.card verify DIR`"
-            f"{' --source FILE' if card.get('kind') == 'conversion' else ''}", ""]
+            "", "Check it: `python -m maskformer_jax.card verify DIR"
+            f"{ {'conversion': ' [--source FILE]', 'export': ' [--source CHECKPOINT]'}.get(card.get('kind'), '')}`",
+            ""]
   return "\n".join(lines)
 
 
