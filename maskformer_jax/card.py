@@ -392,10 +392,20 @@ def load_variables(directory, config, card=None):
   return model, variables_of(state)
 
 
+def _run_export(fmt, path, images) -> dict:
+  """An exported file's outputs on `images`: StableHLO through jax.export, ONNX through onnxruntime."""
+  if fmt == "stablehlo":
+    return jax.device_get(jax.export.deserialize(bytearray(path.read_bytes())).call(images))
+  import onnxruntime
+  session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+  got = session.run(None, {session.get_inputs()[0].name: np.asarray(images, np.float32)})
+  return dict(zip([o.name for o in session.get_outputs()], got))
+
+
 def verify_export(directory, card: dict, *, source=None, tol=1e-4) -> list[str]:
   """An export's card: the exported file's sha256 (the weights are baked into it), its outputs on the
-  stored probes when this machine can run the format (StableHLO), and with `source` (the checkpoint it
-  came from) the source weights' digest."""
+  stored probes (StableHLO through jax.export, ONNX through onnxruntime), and with `source` (the
+  checkpoint it came from) the source weights' digest."""
   record, bad = card.get("export") or {}, []
   path = epath.Path(directory) / str(record.get("file"))
   if not path.exists():
@@ -403,12 +413,11 @@ def verify_export(directory, card: dict, *, source=None, tol=1e-4) -> list[str]:
   if record.get("sha256") and sha256(path) != record["sha256"]:
     bad.append(f"export.sha256: {path.name} sha256 {sha256(path)[:16]}... != the card's "
                f"{record['sha256'][:16]}...")
-  if record.get("format") == "stablehlo":
+  if record.get("format") in ("stablehlo", "onnx"):
     with (epath.Path(directory) / PROBES_FILE).open("rb") as f:
       images = np.load(f)["images"]
     try:
-      exported = jax.export.deserialize(bytearray(path.read_bytes()))
-      outputs = jax.device_get(exported.call(images))
+      outputs = _run_export(record["format"], path, images)
     except Exception as e:  # noqa: BLE001 -- a damaged file is a finding, not a crash
       bad.append(f"export.file: {path.name} does not load or run here: {type(e).__name__}: {str(e)[:200]}")
     else:

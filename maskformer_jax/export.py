@@ -19,7 +19,7 @@ Formats:
   stablehlo   OUT/model.stablehlo, jax.export's serialisation (load with jax.export.deserialize; any
               StableHLO consumer: IREE, XLA, TF's XlaCallModule), lowered for --platforms (default this
               machine's backend only; the check runs the variant of the machine exporting).
-  onnx        through jax2onnx (not part of the lock: the command says what fails and what to do).
+  onnx        OUT/model.onnx through jax2onnx, run and checked with onnxruntime (both in the test extra).
   savedmodel  through orbax-export, which needs TensorFlow (pip install -e '.[tf]').
 """
 import argparse
@@ -29,6 +29,7 @@ import json
 import os
 import sys
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -90,6 +91,26 @@ def forward_fn(model, variables):
   return forward
 
 
+def frozen_norms(config, variables):
+  """(model, variables) computing the same inference with trainable BatchNorms ('bn') folded into
+  FrozenBatchNorm: at inference both are the affine map of the running statistics, so only where the
+  leaves live changes (params scale/bias join batch_stats mean/var). Exporters that pattern-match flax's
+  BatchNorm (jax2onnx) then see plain multiplies and adds. Other models come back unchanged."""
+  model = build_model(config.model)
+  if config.model.backbone != "resnet" or config.model.backbone_norm != "bn":
+    return model, variables
+  params = traverse_util.flatten_dict(variables["params"], sep="/")
+  stats = traverse_util.flatten_dict(variables["batch_stats"], sep="/")
+  for key in [k for k in stats if k.endswith("/mean")]:
+    module = key[:-len("/mean")]
+    for leaf in ("scale", "bias"):
+      stats[f"{module}/{leaf}"] = params.pop(f"{module}/{leaf}")
+  frozen = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
+  frozen["backbone_norm"] = "frozen_bn"
+  return build_model(frozen), {"params": traverse_util.unflatten_dict(params, sep="/"),
+                               "batch_stats": traverse_util.unflatten_dict(stats, sep="/")}
+
+
 def with_postprocess(forward, config, categories, size):
   """The forward followed by inference.panoptic_inference at the exported size (the config's eval
   thresholds, `categories`' thing classes baked in): adds 'panoptic' int32 [b, H, W] (0 void, else the
@@ -117,9 +138,10 @@ def _compare(reference, got) -> dict:
           for k in reference}
 
 
-def verify(forward, run_exported, size, batches=PROBE_BATCHES, tolerance=TOLERANCE) -> dict:
-  """The exported model vs the JAX forward on probe images at each batch size: max-abs per output."""
-  reference_fn = jax.jit(forward)
+def verify(reference, run_exported, size, batches=PROBE_BATCHES, tolerance=TOLERANCE) -> dict:
+  """The exported model vs the checkpoint's JAX forward on probe images at each batch size: max-abs per
+  output."""
+  reference_fn = jax.jit(reference)
   diffs, shapes = {}, {}
   for i, n in enumerate(batches):
     images = card_lib.probe_images(size, n, seed=i)
@@ -133,7 +155,7 @@ def verify(forward, run_exported, size, batches=PROBE_BATCHES, tolerance=TOLERAN
           "outputs": shapes, "passed": bool(passed), "probe_images": images, "probe_outputs": got}
 
 
-def export_stablehlo(forward, size, out_dir, platforms=None) -> dict:
+def export_stablehlo(forward, size, out_dir, platforms=None, reference=None) -> dict:
   """OUT/model.stablehlo for `platforms` (default: this machine's backend), read back and verified here."""
   exported = jax.export.export(jax.jit(forward), platforms=platforms)(input_spec(size))
   path = os.path.join(out_dir, "model.stablehlo")
@@ -142,23 +164,23 @@ def export_stablehlo(forward, size, out_dir, platforms=None) -> dict:
     f.write(data)
   with open(path, "rb") as f:
     loaded = jax.export.deserialize(bytearray(f.read()))
-  result = verify(forward, lambda x: jax.device_get(loaded.call(x)), size)
+  result = verify(reference or forward, lambda x: jax.device_get(loaded.call(x)), size)
   return {"file": "model.stablehlo", "platforms": list(exported.platforms), "verified_on": jax.default_backend(),
           **result}
 
 
-def export_onnx(forward, size, out_dir, platforms=None) -> dict:
+def export_onnx(forward, size, out_dir, platforms=None, reference=None) -> dict:
   """OUT/model.onnx through jax2onnx (float32 input: ONNX Runtime's convolutions take floats), run with
-  onnxruntime and verified. jax2onnx 0.13.0 (the newest the lock admits) converts our models but writes
-  graphs onnxruntime refuses: its BatchNorm conversion leaves the convolution's NCHW output untransposed
-  before an NHWC residual add ("Incompatible dimensions"); traced at the primitive level instead, it has
-  no conversion for JAX 0.10's `stack`. Both failures are reported as ExportError naming the cause."""
+  onnxruntime and verified against `reference` (the checkpoint's forward). jax2onnx converts flax's
+  BatchNorm to an ONNX BatchNormalization whose NCHW output it forgets to transpose back before an NHWC
+  residual add, a graph onnxruntime refuses; `export` therefore hands it the model with its BatchNorms
+  folded (`frozen_norms`). A conversion or a graph that fails is an ExportError naming the cause."""
   try:
     import jax2onnx
     import onnxruntime
   except ImportError as e:
-    raise ExportError(f"--format onnx needs jax2onnx and onnxruntime ({e}), which are not installed (nor "
-                      "part of the project's lock). Use --format stablehlo.") from None
+    raise ExportError(f"--format onnx needs jax2onnx and onnxruntime ({e}): pip install -c constraints.txt "
+                      "-e '.[onnx]' (or use --format stablehlo).") from None
   h, w = int(size[0]), int(size[1])
   path = os.path.join(out_dir, "model.onnx")
   names = list(jax.eval_shape(forward, jax.ShapeDtypeStruct((1, h, w, 3), jnp.uint8)))
@@ -182,7 +204,8 @@ def export_onnx(forward, size, out_dir, platforms=None) -> dict:
   def run(images):
     return dict(zip(names, session.run(None, {name: np.asarray(images, np.float32)})))
 
-  return {"file": "model.onnx", "input_dtype": "float32", "onnxruntime_version": onnxruntime.__version__, **verify(forward, run, size)}
+  return {"file": "model.onnx", "input_dtype": "float32", "onnxruntime_version": onnxruntime.__version__,
+          "jax2onnx_version": importlib.metadata.version("jax2onnx"), **verify(reference or forward, run, size)}
 
 
 def _first_line(e) -> str:
@@ -190,7 +213,7 @@ def _first_line(e) -> str:
   return text.splitlines()[0][:300]
 
 
-def export_savedmodel(forward, size, out_dir, platforms=None) -> dict:
+def export_savedmodel(forward, size, out_dir, platforms=None, reference=None) -> dict:
   """OUT/savedmodel through orbax-export (TensorFlow's SavedModel)."""
   if not all(importlib.util.find_spec(m) for m in ("tensorflow", "orbax.export")):
     raise ExportError("--format savedmodel needs TensorFlow and orbax-export, the optional extra 'tf': "
@@ -241,12 +264,14 @@ def export(ckpt_dir, fmt, out_dir, size=None, which="latest", platforms=None, po
     raise ExportError(f"--size {size} must be two positive numbers H W.")
   out_dir = paths.absolute(str(out_dir))
   os.makedirs(out_dir, exist_ok=True)
-  forward = forward_fn(model, variables)
+  reference = forward_fn(model, variables)
+  forward = forward_fn(*frozen_norms(config, variables)) if fmt == "onnx" else reference
   used = None
   if postprocess:
     used = _categories(config, categories, ckpt_dir)
+    reference = with_postprocess(reference, config, used, size)
     forward = with_postprocess(forward, config, used, size)
-  result = EXPORTERS[fmt](forward, size, out_dir, platforms)
+  result = EXPORTERS[fmt](forward, size, out_dir, platforms, reference=reference)
   images, outputs = result.pop("probe_images"), result.pop("probe_outputs")
   record = {"format": fmt, "checkpoint": paths.absolute(str(ckpt_dir)), "step": step,
             "sha256": card_lib.sha256(os.path.join(out_dir, result["file"])),

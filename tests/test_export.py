@@ -22,18 +22,20 @@ from _multihost_worker import ROOT
 SIZE = (64, 64)
 
 
-def _converted(directory, pixel_decoder):
+def _converted(directory, pixel_decoder, family_arg="runlocal"):
   """A converted checkpoint (as python -m maskformer_jax.convert writes one) of a runlocal model at init:
   'base' is the R50-FPN model's pixel decoder, 'transformer_encoder' the "+6 Enc" one's."""
-  c = config_lib.load_config(f"{ROOT}/configs/coco_panoptic.py:runlocal")
+  c = config_lib.load_config(f"{ROOT}/configs/coco_panoptic.py:{family_arg}")
   c.model.pixel_decoder = pixel_decoder
   model = build_model(c.model)
   variables = jax.jit(lambda key: model.init(key, jnp.zeros((1, *SIZE, 3)), train=False))(jax.random.key(0))
-  # Non-trivial batch statistics, so that the exported normalisation layers are checked too.
-  leaves, tree = jax.tree.flatten(variables["batch_stats"])
+  # Non-trivial batch statistics, so that the exported normalisation layers are checked too, and every
+  # parameter moved off its initial value (zero biases, unit norms), so the outputs depend on the image.
   rng = np.random.default_rng(0)
+  leaves, tree = jax.tree.flatten(variables.get("batch_stats", {}))  # Swin has none
   stats = [np.abs(rng.normal(1.0, 0.2, np.shape(x))).astype(np.float32) for x in leaves]
-  variables = {**variables, "batch_stats": jax.tree.unflatten(tree, stats)}
+  params = jax.tree.map(lambda x: (x + rng.normal(0, 0.05, np.shape(x))).astype(np.float32), variables["params"])
+  variables = {"params": params, "batch_stats": jax.tree.unflatten(tree, stats)}
   convert.save_converted(str(directory), {k: c.model[k] for k in MODEL_KEYS}, variables)
   return directory
 
@@ -93,6 +95,39 @@ def test_stablehlo_transformer_encoder_postprocess(tmp_path):
     categories.write_text(json.dumps([{"id": 1, "name": "a", "isthing": 1}, {"id": 2, "name": "b"}]))
     export.export(ckpt, "stablehlo", tmp_path / "out2", size=SIZE, postprocess=True, categories=str(categories))
   assert (tmp_path / "out" / "model.stablehlo").stat().st_size > 0
+  record = export.export(ckpt, "onnx", tmp_path / "onnx", size=SIZE)  # the same model through ONNX
+  assert record["passed"] and all(d <= 1e-4 for d in record["max_abs_diff"].values()), record
+
+
+def test_onnx_fpn_with_its_batchnorms_folded(fpn_checkpoint, tmp_path, capsys):
+  """ONNX through jax2onnx, run by onnxruntime. The runlocal model's trainable BatchNorms ('bn') go to
+  jax2onnx folded into FrozenBatchNorm (jax2onnx mislays flax BatchNorm's layout); the check is against
+  the checkpoint's own, unfolded forward."""
+  out = tmp_path / "out"
+  assert export.main(["--checkpoint", str(fpn_checkpoint), "--format", "onnx", "--out", str(out),
+                      "--size", "64", "64"]) == 0
+  assert "passed" in capsys.readouterr().out
+  record = json.loads((out / "export.json").read_text())
+  assert record["passed"] and record["format"] == "onnx" and record["probe_batches"] == [1, 3], record
+  assert all(d <= 1e-4 for d in record["max_abs_diff"].values()), record
+  assert record["inputs"][0]["dtype"] == "float32" and record["jax2onnx_version"] == "0.13.0"
+  assert card_lib.verify(out, source=fpn_checkpoint) == []  # onnxruntime reruns the stored probes
+  config, _, variables, _ = export.load(fpn_checkpoint)
+  assert config.model.backbone_norm == "bn"
+  model, folded = export.frozen_norms(config, variables)
+  assert model.backbone_norm == "frozen_bn"
+  stem = folded["batch_stats"]["backbone"]["stem"]["bn"]
+  assert sorted(stem) == ["bias", "mean", "scale", "var"] and "bn" not in folded["params"]["backbone"]["stem"]
+  np.testing.assert_array_equal(stem["scale"], variables["params"]["backbone"]["stem"]["bn"]["scale"])
+
+
+@pytest.mark.slow
+def test_swin_exports(tmp_path):
+  """A Swin model (the runlocal Swin-T) through StableHLO and ONNX."""
+  ckpt = _converted(tmp_path / "ckpt", "base", "backbone=swin_t,runlocal")
+  for fmt in ("stablehlo", "onnx"):
+    record = export.export(ckpt, fmt, tmp_path / fmt, size=SIZE)
+    assert record["passed"] and all(d <= 1e-4 for d in record["max_abs_diff"].values()), (fmt, record)
 
 
 def test_verify_catches_a_mismatch():
