@@ -20,6 +20,7 @@ import platform
 import subprocess
 import sys
 
+from absl import logging
 from etils import epath
 import jax
 import jax.numpy as jnp
@@ -219,8 +220,13 @@ def add_fingerprint(card: dict, config, model, variables, n=2) -> tuple[dict, np
   """The card with weights digests and probe fingerprints; returns (card, probe images)."""
   images = probe_inputs(config, n)
   card["weights"] = weights_digest(variables)
-  card["probes"] = {"file": PROBES_FILE, "shape": list(images.shape),
-                    "outputs": fingerprint(probe_outputs(model, variables, images))}
+  outputs = probe_outputs(model, variables, images)
+  card["probes"] = {"file": PROBES_FILE, "shape": list(images.shape), "outputs": fingerprint(outputs)}
+  bad = sorted(k for k, v in outputs.items() if not np.all(np.isfinite(np.asarray(v))))
+  if bad:  # said in the card (and by verify), not hidden in a NaN digest
+    card["probes"]["not_finite"] = bad
+    logging.warning("The model's %s on the probe images are not finite (NaN/inf): the card records it.",
+                    ", ".join(bad))
   return card, images
 
 
@@ -337,6 +343,9 @@ def compare_outputs(stored: dict, outputs: dict, tol: float) -> list[str]:
   for k, fp in stored.items():
     if k not in now:
       bad.append(f"probes.outputs.{k}: not produced by the model")
+      continue
+    if not np.all(np.isfinite(np.asarray(outputs[k], np.float32))):
+      bad.append(f"probes.outputs.{k}: not finite (NaN/inf) on the probe images; the model is broken")
       continue
     if list(now[k]["shape"]) != list(fp["shape"]):
       bad.append(f"probes.outputs.{k}.shape: {now[k]['shape']} != stored {fp['shape']}")

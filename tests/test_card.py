@@ -100,3 +100,12 @@ def test_category_colours_are_their_own_else_the_palette():
                                     {"id": 5, "category_id": 7, "isthing": 0}], cats)
   assert rgb[0, 0].tolist() == [0, 0, 0] and rgb[0, 1].tolist() == [1, 2, 3]
   assert rgb[1, 0].tolist() == list(visualize.PALETTE[1])
+
+
+def test_non_finite_probe_outputs_are_named():
+  """A model computing NaN on the probes is said to be broken, not reported as a NaN-sized difference."""
+  good = {"pred_logits": np.ones((1, 2, 3), np.float32)}
+  stored = card.fingerprint(good)
+  assert card.compare_outputs(stored, good, 1e-4) == []
+  bad = card.compare_outputs(stored, {"pred_logits": np.full((1, 2, 3), np.nan, np.float32)}, 1e-4)
+  assert bad == ["probes.outputs.pred_logits: not finite (NaN/inf) on the probe images; the model is broken"]

@@ -224,6 +224,9 @@ def test_cli_converts_with_a_config_and_records_provenance(tmp_path):
   spec = f"{root}/configs/coco_panoptic.py:runlocal"
   model = load_config(spec).model
   variables = host_variables(build_model({k: model[k] for k in MODEL_KEYS}), seed=4)
+  variables = flax.traverse_util.unflatten_dict({  # positive variances, small kernels: finite outputs
+      k: np.abs(v) + 0.5 if k[-1] == "var" else v * 0.1 if k[-1] == "kernel" else v
+      for k, v in flax.traverse_util.flatten_dict(variables).items()})
   original = {(k.replace("sem_seg_head.pixel_decoder.", "sem_seg_head.")): v
               for k, v in to_detectron2(variables).items()}  # the released files' old layout
   write_pkl(tmp_path / "model_final_abc123.pkl", original)
@@ -240,6 +243,12 @@ def test_cli_converts_with_a_config_and_records_provenance(tmp_path):
   assert source["format"] == "detectron2" and source["files"] == {"model_final_abc123.pkl": digest}
   assert source["check"]["passed"] and source["check"]["arrays"] == len(original)
   assert source["converter"].startswith("maskformer_jax ")
+  # Its model card records the same provenance and verifies against the file.
+  from maskformer_jax import card
+  c = card.read(tmp_path / "ckpt")
+  assert c["kind"] == "conversion" and c["provenance"]["files"] == {"model_final_abc123.pkl": digest}
+  assert "not_finite" not in c["probes"]
+  assert card.verify(tmp_path / "ckpt", source=tmp_path / "model_final_abc123.pkl") == []
   # Without --config the command says what to give.
   res = subprocess.run([sys.executable, "-m", "maskformer_jax.convert", "--detectron2", "model_final_abc123.pkl",
                         "--out", "ckpt2"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
