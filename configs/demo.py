@@ -22,11 +22,15 @@ What differs from the published recipes, and why (small data, a few thousand ste
   outliers).
 - Augmentation: the ADE20K recipe (scale 0.5-2x, crop, flip, colour jitter) at the 64x64 canvas.
 """
-from maskformer_jax.config import base_config
+from maskformer_jax.config import base_config, parse_arg
 
 
-def get_config():
-  """The defaults (maskformer_jax/config.py) are the COCO recipe; only what differs is set here."""
+def get_config(arg=None):
+  """The defaults (maskformer_jax/config.py) are the COCO recipe; only what differs is set here.
+  `configs/demo.py:arch=mask2former`: the same demo with Mask2Former (see `mask2former` below)."""
+  a = parse_arg(arg, arch="maskformer")
+  if a.arch not in ("maskformer", "mask2former"):
+    raise ValueError(f"configs/demo.py: arch={a.arch!r} is not one of ['mask2former', 'maskformer'].")
   c = base_config()
   c.batch_size = 8
   c.total_steps = 2500  # ~4.5 min on 2 idle cores; 4000 steps: PQ +1, 6 min (docs/benchmarks.md)
@@ -74,4 +78,18 @@ def get_config():
   c.evals.val.every = 250  # ~1 s each on the 100 held-out images: the PQ-vs-time curve
   # PQ only, no mask AP evaluator (type "instance"): it would add a second pass to every evaluation, and
   # the 64x64 images hold small objects only, so APm and APl would be undefined.
+  return mask2former(c) if a.arch == "mask2former" else c
+
+
+def mask2former(c):
+  """The demo's Mask2Former: the same sizes, data, optimiser and schedule; Mask2Former's model (deformable
+  pixel decoder with 2 layers of FFN 256, 6 masked-attention layers: each of the three levels twice) and
+  its loss (class 2, BCE 5, dice 5, matching costs alike), on 256 points a mask: the predicted masks are
+  16x16 here, so 256 points are as many as pixels (the published 12544 are ~1/5 of a 256x256 mask)."""
+  m = c.model
+  m.arch, m.dec_layers, m.pixel_encoder_layers, m.pixel_dim_feedforward = "mask2former", 6, 2, 256
+  l = c.loss
+  l.mask_loss, l.class_weight, l.mask_weight, l.dice_weight = "bce", 2.0, 5.0, 5.0
+  l.cost_class, l.cost_mask, l.cost_dice = 2.0, 5.0, 5.0
+  l.point_sampling, l.num_points, l.matcher_num_points = True, 256, 256
   return c

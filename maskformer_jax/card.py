@@ -200,7 +200,8 @@ def base_card(config, kind: str, *, source=None, split=None) -> dict:
   d, e = config.data, config.eval
   return {
       "kind": kind, "card_version": 1,
-      "model": {"num_classes": int(config.model.num_classes), "backbone": config.model.backbone,
+      "model": {"arch": config.model.get("arch", "maskformer"), "num_classes": int(config.model.num_classes),
+                "backbone": config.model.backbone,
                 "num_queries": int(config.model.num_queries)},
       "config": config_dict(config),
       "code": {"git_commit": commit, "git_dirty": dirty},
@@ -267,7 +268,8 @@ def render(card: dict) -> str:
   c, m = card.get("config", {}), card.get("model", {})
   what = {"training": "trained with maskformer_jax", "conversion": "converted from other weights",
           "export": "exported for serving"}.get(card.get("kind"), card.get("kind"))
-  lines = [f"# MaskFormer ({m.get('backbone')}, {m.get('num_classes')} classes, "
+  name = {"mask2former": "Mask2Former"}.get(m.get("arch"), "MaskFormer")
+  lines = [f"# {name} ({m.get('backbone')}, {m.get('num_classes')} classes, "
            f"{m.get('num_queries')} queries)", "", f"A checkpoint {what}.", ""]
   data = card.get("data", {})
   lines += ["## Data", ""] + [f"- {k}: {v}" for k, v in data.items()]

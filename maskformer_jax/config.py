@@ -19,8 +19,9 @@ from maskformer_jax.data import pipeline
 from maskformer_jax.data import transforms
 from maskformer_jax.data.coco_panoptic import BAD_INPUT_POLICIES
 from maskformer_jax.evaluation import common as evaluation
-from maskformer_jax.models import DTYPES
+from maskformer_jax.models import ARCHS, DTYPES
 from maskformer_jax.models.backbone import BACKBONES, NORMS, RESNET_STAGES
+from maskformer_jax.models.msdeform import METHODS as MSDEFORM_METHODS
 from maskformer_jax.models.pixel_decoder import PIXEL_DECODERS
 from maskformer_jax.models.swin import SWIN_VARIANTS
 
@@ -74,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.grad_accum_steps = 1  # micro-batches per step; each is batch_size // grad_accum_steps
 
   c.model = m = ml_collections.ConfigDict()
+  m.arch = "maskformer"  # "maskformer" or "mask2former" (models/__init__.py ARCHS); each reads its keys below
   m.backbone = "resnet"  # "resnet" (detectron2 layout) or "swin" (models/swin.py)
   m.resnet_depth = 50  # 18/34 (basic blocks, tests only), 50, 101
   m.resnet_width = 64  # stem width; res2 has 4*width channels for bottleneck nets
@@ -89,13 +91,18 @@ def base_config() -> ml_collections.ConfigDict:
   m.pixel_decoder = "base"  # "base" (FPN) or "transformer_encoder" ("+6 Enc")
   m.conv_dim = 256
   m.mask_dim = 256
-  m.pixel_encoder_layers = 6  # "+6 Enc" only
+  m.pixel_encoder_layers = 6  # "+6 Enc", and Mask2Former's deformable encoder
+  # Mask2Former's deformable-attention pixel decoder (models/msdeform.py): FFN width, sampling points per
+  # head and level, and how the bilinear samples are taken ("gather"; "matmul" where gathers are slow).
+  m.pixel_dim_feedforward = 1024
+  m.pixel_num_points = 4
+  m.msdeform_method = "gather"
   m.num_queries = 100
   m.hidden_dim = 256
   m.num_heads = 8
   m.dim_feedforward = 2048
-  m.dec_layers = 6
-  m.dropout = 0.1
+  m.dec_layers = 6  # Mask2Former: 9 masked-attention layers
+  m.dropout = 0.1  # MaskFormer's decoder (Mask2Former has none)
   m.enforce_input_proj = False
   m.num_classes = 133  # K; the no-object class is index K
   # Rematerialisation: recompute the activations of each backbone block and transformer layer in the
@@ -106,6 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss = l = ml_collections.ConfigDict()
   l.class_weight = 1.0
   l.mask_weight = 20.0  # sigmoid focal
+  l.mask_loss = "focal"  # the mask term of the loss and matching cost: "focal" (MaskFormer) or "bce" (Mask2Former)
   l.dice_weight = 1.0
   l.eos_coef = 0.1  # weight of the no-object class in the cross-entropy
   l.focal_alpha = 0.25
@@ -214,10 +222,11 @@ def base_config() -> ml_collections.ConfigDict:
 RESNET_BACKBONES = {"r50": 50, "r101": 101}  # a family's backbone=... argument, with SWIN_VARIANTS' keys
 
 
-def family(arg, where):
-  """(base_config with the backbone of `arg` set, parsed arg) for a family "backbone=swin_t,runlocal";
-  after the family's own changes, `finish(c, arg)` applies the Swin recipe and the runlocal variant."""
-  a = parse_arg(arg, backbone="r50", runlocal=False)
+def family(arg, where, **more):
+  """(base_config with the backbone of `arg` set, parsed arg) for a family "backbone=swin_t,runlocal"
+  (`more`: the family's own arguments and their defaults); after the family's own changes,
+  `finish(c, arg)` applies MaskFormer's Swin recipe and the runlocal variant."""
+  a = parse_arg(arg, backbone="r50", runlocal=False, **more)
   c = base_config()
   if a.backbone in RESNET_BACKBONES:
     c.model.resnet_depth = RESNET_BACKBONES[a.backbone]
@@ -230,11 +239,31 @@ def family(arg, where):
   return c, a
 
 
+def ade20k(c, large: bool):
+  """The ADE20K-150 semantic setting MaskFormer and Mask2Former share: batch 16, 160k steps, poly, no
+  warm-up, mIoU; crops of 512 and test size 512 / 2048, or 640 / 2560 for the ImageNet-22K 384 Swin-B/L
+  (`large`)."""
+  c.model.num_classes = 150
+  c.batch_size = 16
+  c.total_steps = 160_000
+  c.optim.schedule = "poly"
+  c.optim.warmup_steps = 0
+  d = c.data
+  d.dataset = d.recipe = "ade20k"
+  d.train_split, d.val_split = "training", "validation"
+  size, max_size = (640, 2560) if large else (512, 2048)
+  d.image_size = (size, size)
+  d.eval_min_size, d.eval_max_size, d.eval_size = size, max_size, (size, max_size)
+  d.max_instances = 150  # one target per class present in the crop (more than the 100 queries)
+  c.evals.val.type = "semantic"
+  c.train.best_metric = "val/miou"
+
+
 def finish(c, a) -> ml_collections.ConfigDict:
   """The end of every family: Swin's optimiser recipe (all the original's Swin configs: AdamW 6e-5,
   weight decay 0.01, no backbone LR multiplier, 1500 linear warm-up steps from 1e-6 of the LR; no decay on
   norms and relative position tables, as for every model here), then `runlocal` if asked for."""
-  if c.model.backbone == "swin":
+  if c.model.backbone == "swin" and c.model.arch == "maskformer":  # Mask2Former keeps its one recipe
     o = c.optim
     o.base_lr, o.weight_decay, o.backbone_multiplier = 6e-5, 0.01, 1.0
     o.warmup_steps, o.warmup_factor = 1500, 1e-6
@@ -254,6 +283,7 @@ def runlocal(c) -> ml_collections.ConfigDict:
   m.swin_embed_dim, m.swin_depths, m.swin_num_heads, m.swin_window_size = 16, (2, 2, 2, 2), (1, 1, 2, 2), 7
   m.conv_dim = m.mask_dim = m.hidden_dim = 32
   m.num_queries, m.num_heads, m.dim_feedforward, m.dec_layers, m.pixel_encoder_layers = 8, 4, 64, 2, 1
+  m.pixel_dim_feedforward, m.dtype = 64, "float32"
   if c.data.dataset == "coco_panoptic":
     m.num_classes = 5  # the synthetic dataset's 3 things + 2 stuff
   c.optim.warmup_steps = 0
@@ -274,10 +304,12 @@ def runlocal(c) -> ml_collections.ConfigDict:
 
 # The choices, read from the registries beside the code they choose from.
 CHOICES = {
+    ("model", "arch"): ARCHS,
     ("model", "backbone"): BACKBONES,
     ("model", "backbone_norm"): NORMS,
     ("model", "pixel_decoder"): PIXEL_DECODERS,
     ("model", "dtype"): DTYPES,
+    ("model", "msdeform_method"): MSDEFORM_METHODS,
     ("optim", "schedule"): optim.SCHEDULES,
     ("loss", "matcher"): matcher.MATCHERS,
     ("data", "dataset"): pipeline.DATASETS,
@@ -385,7 +417,7 @@ def _model_errors(m):
   if m.num_heads < 1 or m.hidden_dim % 2 or m.hidden_dim % m.num_heads or m.conv_dim % m.num_heads:
     errors.append(f"config.model.hidden_dim={m.hidden_dim} must be even, and it and conv_dim="
                   f"{m.conv_dim} divisible by num_heads={m.num_heads}.")
-  for key in ("num_queries", "num_classes", "dec_layers"):
+  for key in ("num_queries", "num_classes", "dec_layers", "pixel_num_points", "pixel_dim_feedforward"):
     if m[key] < 1:
       errors.append(f"config.model.{key}={m[key]} must be >= 1.")
   return errors

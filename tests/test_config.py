@@ -16,8 +16,46 @@ def test_configs_load_and_keep_original_loss(path):
   # The original's loss weights (docs/reference.md section 2); the earlier TPU replication drifted here.
   assert c.loss.eos_coef == 0.1
   assert c.optim.clip_norm == 0.01
-  assert (c.loss.mask_weight, c.loss.dice_weight, c.loss.class_weight) == (20.0, 1.0, 1.0)
+  if c.model.arch == "mask2former":  # docs/reference.md section 12: BCE, on points, costs alike
+    assert (c.loss.mask_loss, c.loss.mask_weight, c.loss.dice_weight, c.loss.class_weight) == ("bce", 5.0, 5.0, 2.0)
+    assert (c.loss.cost_mask, c.loss.cost_dice, c.loss.cost_class) == (5.0, 5.0, 2.0)
+    assert c.loss.point_sampling and c.loss.matcher_num_points > 0
+  else:
+    assert (c.loss.mask_loss, c.loss.mask_weight, c.loss.dice_weight, c.loss.class_weight) == ("focal", 20.0, 1.0, 1.0)
   assert c.batch_size % max(c.grad_accum_steps, 1) == 0
+
+
+@pytest.mark.parametrize("task", ["coco_panoptic", "ade20k"])
+@pytest.mark.parametrize("backbone", ["r50", "r101", "swin_t", "swin_s", "swin_b", "swin_l"])
+def test_every_mask2former_variant_loads_validates_and_keeps_its_recipe(task, backbone):
+  """Mask2Former's configs (docs/reference.md section 12): one optimiser for every backbone, 9 layers,
+  12544 points; COCO 50 epochs of LSJ at 1024 (Swin-L: 100 epochs, 200 queries); ADE20K 160k poly."""
+  from maskformer_jax.config import validate
+  root = pathlib.Path(__file__).parent.parent / "configs"
+  c = load(f"{root}/mask2former.py:task={task},backbone={backbone}")
+  validate(c, num_devices=8, num_processes=1)
+  o, m, l = c.optim, c.model, c.loss
+  assert (m.arch, m.dec_layers, m.num_heads, m.pixel_encoder_layers, m.pixel_dim_feedforward) == (
+      "mask2former", 9, 8, 6, 1024)
+  assert (m.backbone == "swin") == backbone.startswith("swin") and m.dtype == "bfloat16"
+  assert (o.base_lr, o.weight_decay, o.backbone_multiplier, o.clip_norm, c.batch_size) == (1e-4, 0.05, 0.1, 0.01, 16)
+  assert (l.num_points, l.matcher_num_points, l.oversample_ratio, l.importance_sample_ratio) == (12544, 12544, 3.0, 0.75)
+  if task == "coco_panoptic":
+    long = backbone == "swin_l"
+    assert (c.total_steps, tuple(o.decay_steps), m.num_queries) == (
+        (737_500, (655_556, 710_184), 200) if long else (368_750, (327_778, 355_092), 100))
+    assert (c.data.recipe, tuple(c.data.image_size), o.warmup_steps, m.num_classes) == ("lsj", (1024, 1024), 10, 133)
+    assert {ev.type for ev in c.evals.values()} == {"panoptic", "instance"}
+  else:
+    big = backbone in ("swin_b", "swin_l")
+    assert (c.total_steps, o.schedule, o.warmup_steps, m.num_classes, c.evals.val.type) == (
+        160_000, "poly", 0, 150, "semantic")
+    assert tuple(c.data.image_size) == ((640, 640) if big else (512, 512))
+  small = load(f"{root}/mask2former.py:task={task},backbone={backbone},runlocal")
+  assert small.model.arch == "mask2former" and small.model.backbone == m.backbone and small.batch_size == 4
+  assert small.model.dtype == "float32"
+  with pytest.raises(ValueError, match="task='coco_instance'"):
+    load(f"{root}/mask2former.py:task=coco_instance")
 
 
 def test_unknown_key_is_an_error():

@@ -5,6 +5,10 @@ with and without the decoder's input projections) convert, and every prediction 
 layer and after each) matches HF's class and mask logits in float32. The attention-mask rule is
 checked on crafted logits, the bfloat16 path under jit, and the converter's refusals by name.
 """
+import json
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +16,11 @@ import pytest
 import torch
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig, SwinConfig
 
+from maskformer_jax import card
 from maskformer_jax.convert import hf_mask2former as conv
-from maskformer_jax.models.mask2former import Mask2Former, build_mask2former
+from maskformer_jax.convert import load_converted
+from maskformer_jax.models import build_model
+from maskformer_jax.models.mask2former import Mask2Former
 from maskformer_jax.models.masked_attention import MaskedAttention, attention_mask
 
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
@@ -84,12 +91,22 @@ def _compare_every_layer(hf, module, variables, size, batch=2, tol=1e-4, tag="")
 @pytest.mark.parametrize("case", ["projected", "unprojected"])
 def test_resnet_models_match_hf_every_layer(case, tmp_path):
   """'projected': hidden 48 != feature_size 32 (three input projections), 4 layers, 4 heads, basic
-  blocks, converted from a save_pretrained directory. 'unprojected': hidden == feature_size, 6 layers
+  blocks, converted from a save_pretrained directory by the convert command. 'unprojected': hidden == feature_size, 6 layers
   (the level cycle twice), 2 heads, 7 queries, bottleneck blocks, enforce_input_projection off."""
   if case == "projected":
     hf = _hf(_resnet(), 0, hidden_dim=48, num_labels=4)
-    hf.save_pretrained(tmp_path)
-    module, variables = conv.from_hf(tmp_path)
+    hf.save_pretrained(tmp_path / "hf")
+    # The convert command tells a Mask2Former directory by its config, checks parity, writes a card
+    # that verifies; the checkpoint rebuilds the model from its config.json alone.
+    res = subprocess.run([sys.executable, "-m", "maskformer_jax.convert", "--hf", "hf", "--out", "ckpt"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    cfg, variables = load_converted(tmp_path / "ckpt")
+    assert cfg["arch"] == "mask2former" and cfg["dec_layers"] == 4
+    module = build_model(cfg)
+    assert json.load(open(tmp_path / "ckpt" / "config.json"))["source"]["check"]["passed"]
+    assert (tmp_path / "ckpt" / "CARD.md").read_text().startswith("# Mask2Former (resnet, 4 classes, 5 queries)")
+    assert card.verify(tmp_path / "ckpt", source=tmp_path / "hf") == []
     assert {f"input_proj_{i}" for i in range(3)} <= set(variables["params"]["transformer_decoder"])
   else:
     hf = _hf(_resnet("bottleneck"), 1, decoder_layers=7, num_queries=7, num_attention_heads=2)
@@ -164,7 +181,7 @@ def test_jit_bfloat16_forward():
   hf = _hf(_resnet(), 4, decoder_layers=4, num_queries=4, encoder_layers=1)
   module, variables = conv.from_hf(hf)
   cfg = {**conv.model_config_from_hf(hf.config), "dtype": "bfloat16", "remat": True, "unknown_key": 1}
-  half = build_mask2former(cfg)
+  half = build_model(cfg)
   assert half.dtype == jnp.bfloat16 and half.remat
   images = np.random.default_rng(2).standard_normal((2, 64, 96, 3)).astype(np.float32)
   out = jax.jit(lambda v, x: half.apply(v, x))(variables, images)
@@ -179,7 +196,7 @@ def test_jit_bfloat16_forward():
 def test_conversion_errors_name_the_keys():
   hf = _hf(_resnet(), 3, decoder_layers=3, num_queries=2, encoder_layers=1)
   state = hf.state_dict()
-  module = build_mask2former(conv.model_config_from_hf(hf.config))
+  module = build_model(conv.model_config_from_hf(hf.config))
   conv.convert_mask2former(state, module)  # converts as is
   bad = dict(state)
   del bad["model.transformer_module.decoder.layers.1.fc1.weight"]
@@ -189,7 +206,7 @@ def test_conversion_errors_name_the_keys():
                                        r".*layers\.1\.fc1\.weight.*1 unexpected.*layers\.0\.extra\.weight"):
     conv.convert_mask2former(bad, module)
   with pytest.raises(ValueError, match=r"(?s)mis-shaped.*queries_features\.weight"):
-    conv.convert_mask2former(state, build_mask2former({**conv.model_config_from_hf(hf.config), "num_queries": 3}))
+    conv.convert_mask2former(state, build_model({**conv.model_config_from_hf(hf.config), "num_queries": 3}))
   for change, match in ((dict(pre_norm=True), "pre_norm"), (dict(decoder_layers=1), "decoder_layers"),
                         (dict(activation_function="gelu"), "activation")):
     with pytest.raises(ValueError, match=match):

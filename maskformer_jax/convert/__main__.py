@@ -1,8 +1,8 @@
 """python -m maskformer_jax.convert: weights from elsewhere -> a converted checkpoint (variables.msgpack
 + config.json with provenance) for config.init.checkpoint, `predict` and `evaluate`.
 
-  --hf DIR --out DIR                        an HF MaskFormer save_pretrained directory (the model config
-                                            is read from it)
+  --hf DIR --out DIR                        an HF MaskFormer or Mask2Former save_pretrained directory
+                                            (the model and its config are read from it)
   --detectron2 FILE --config CONFIG --out DIR an original model-zoo file (model_final_*.pkl, or a .pth the
                                             original trained); CONFIG names the model it holds, e.g.
                                             configs/coco_panoptic.py:backbone=r101
@@ -12,6 +12,8 @@ arrays reproduced bit-for-bit from ours) and the result is recorded. The officia
 CC BY-NC 4.0 (non-commercial); a converted copy carries the same licence.
 """
 import argparse
+import json
+import os
 import sys
 
 import jax
@@ -20,9 +22,10 @@ from maskformer_jax import card
 from maskformer_jax import config as config_lib
 from maskformer_jax import paths
 from maskformer_jax import visualize
-from maskformer_jax.convert import (check_detectron2_roundtrip, from_detectron2, from_hf,
-                                    model_config_from_hf, provenance, read_detectron2, save_converted)
-from maskformer_jax.convert.hf import check_hf_parity, load_hf
+from maskformer_jax.convert import (check_detectron2_roundtrip, from_detectron2, provenance, read_detectron2,
+                                    save_converted)
+from maskformer_jax.convert import hf as hf_maskformer
+from maskformer_jax.convert import hf_mask2former
 from maskformer_jax.models import MODEL_KEYS, build_model
 
 
@@ -30,7 +33,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m maskformer_jax.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--hf", help="directory written by MaskFormerForInstanceSegmentation.save_pretrained")
+  source.add_argument("--hf", help="directory written by save_pretrained of MaskFormerForInstanceSegmentation "
+                      "or Mask2FormerForUniversalSegmentation")
   source.add_argument("--detectron2", help="the original's checkpoint (.pkl from its model zoo, or .pth)")
   parser.add_argument("--config", help="with --detectron2: the config of the model in the file "
                       "(path[:argument], as for train)")
@@ -39,10 +43,11 @@ def main(argv=None) -> int:
   args.out = paths.absolute(args.out)
   if args.hf:
     args.hf = paths.absolute(args.hf)
-    hf = load_hf(args.hf)
-    module, variables = from_hf(hf)
-    cfg = model_config_from_hf(hf.config)
-    check = check_hf_parity(hf, module, variables)
+    converter = hf_mask2former if hf_model_type(args.hf) == "mask2former" else hf_maskformer
+    hf = converter.load_hf(args.hf)
+    module, variables = converter.from_hf(hf)
+    cfg = converter.model_config_from_hf(hf.config)
+    check = converter.check_hf_parity(hf, module, variables)
     where = args.hf
   else:
     if not args.config:
@@ -66,6 +71,15 @@ def main(argv=None) -> int:
   n = sum(x.size for x in jax.tree.leaves(variables))
   print(f"wrote {args.out}: {n:,} values; check passed: {check['name']}; model config {cfg}")
   return 0
+
+
+def hf_model_type(directory) -> str:
+  """`model_type` of a save_pretrained directory's config.json ('maskformer', 'mask2former', ...)."""
+  path = os.path.join(directory, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: --hf takes a directory written by save_pretrained.")
+  with open(path) as f:
+    return json.load(f).get("model_type", "")
 
 
 def write_card(out, model_config: dict, variables, source: dict, *, hf_config=None, config=None):

@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from maskformer_jax.convert.hf import _resnet_key, _swin_config_from_hf, _to_numpy, convert_state_dict
-from maskformer_jax.models import stage_channels
+from maskformer_jax.models import build_model, model_keys, stage_channels
 from maskformer_jax.models.backbone import RESNET_STAGES
-from maskformer_jax.models.mask2former import Mask2Former, build_mask2former
+from maskformer_jax.models.mask2former import Mask2Former
 from maskformer_jax.models.msdeform import MSDeformPixelDecoder
 
 PIXEL_DECODER_PREFIX = "model.pixel_level_module.decoder."
@@ -242,8 +242,8 @@ def model_config_from_hf(hf_config) -> dict:
     backbone = _resnet_config_from_hf(bb)
   else:
     raise ValueError(f"only ResNet and Swin backbones convert; this HF model has {kind or bb!r}.")
-  defaults = {f.name: f.default for f in dataclasses.fields(Mask2Former) if f.name not in ("parent", "name")}
-  return {**defaults, **backbone, "conv_dim": hf_config.feature_size, "mask_dim": hf_config.mask_feature_size,
+  defaults = {f.name: f.default for f in dataclasses.fields(Mask2Former) if f.name in model_keys("mask2former")}
+  return {"arch": "mask2former", **defaults, **backbone, "conv_dim": hf_config.feature_size, "mask_dim": hf_config.mask_feature_size,
           "pixel_encoder_layers": hf_config.encoder_layers,
           "pixel_dim_feedforward": hf_config.encoder_feedforward_dim, "pixel_num_points": 4,
           "num_queries": hf_config.num_queries, "hidden_dim": hf_config.hidden_dim,
@@ -275,7 +275,7 @@ def convert_mask2former(state_dict: Mapping, module: Mask2Former) -> dict:
 def from_hf(hf):
   """(module, variables) equivalent to an HF Mask2Former (instance or save_pretrained directory)."""
   hf = load_hf(hf)
-  module = build_mask2former(model_config_from_hf(hf.config))
+  module = build_model(model_config_from_hf(hf.config))
   return module, convert_mask2former(hf.state_dict(), module)
 
 

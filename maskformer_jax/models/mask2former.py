@@ -24,8 +24,6 @@ Variable layout and naming (MaskFormer's conventions; convert/hf_mask2former.py 
   `level_embed` is a plain parameter (an nn.Parameter in the original, so it is decayed).
 - Everything else is `kernel` (convs HWIO, dense [in, out]) or `bias`.
 """
-import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -38,7 +36,7 @@ from maskformer_jax.models.msdeform import METHODS, MSDeformPixelDecoder
 
 
 class Mask2Former(nn.Module):
-  """Fields shared with MaskFormer keep its names (backbone fields read by the BACKBONES builders, conv_dim,
+  """config.model.arch = 'mask2former' (models/__init__.py ARCHS). Fields shared with MaskFormer keep its names (backbone fields read by the BACKBONES builders, conv_dim,
   mask_dim, ...); the defaults are Mask2Former's (docs/reference.md section 12). `num_heads` serves both the
   deformable encoder and the decoder, as in the original and HF."""
   backbone: str = "resnet"
@@ -90,16 +88,3 @@ class Mask2Former(nn.Module):
         "aux_outputs": [{"pred_logits": logits[i], "pred_masks": masks[i]} for i in range(self.dec_layers)],
     }
 
-
-MASK2FORMER_KEYS = tuple(f.name for f in dataclasses.fields(Mask2Former) if f.name not in ("parent", "name"))
-
-
-def build_mask2former(model_config: Mapping) -> Mask2Former:
-  """A Mask2Former from `config.model`-style keys (missing ones take the defaults, others are ignored);
-  JSON lists become tuples and a dtype name ('float32', 'bfloat16') its dtype."""
-  from maskformer_jax.models import DTYPES  # here: the package imports the model modules
-  cfg = {k: model_config[k] for k in MASK2FORMER_KEYS if k in model_config}
-  cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
-  if isinstance(cfg.get("dtype"), str):
-    cfg["dtype"] = registry.get(DTYPES, cfg["dtype"], "model.dtype")
-  return Mask2Former(**cfg)
