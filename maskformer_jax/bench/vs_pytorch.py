@@ -1,12 +1,13 @@
 """Side by side with the PyTorch MaskFormer (Hugging Face modules, wired as the original) in one process.
 
   python -m maskformer_jax.bench.vs_pytorch speed --decoder fpn --batch 2 --size 512 512 --rounds 5
+  python -m maskformer_jax.bench.vs_pytorch speed --decoder m2f --batch 2 --size 512 512 --rounds 5
   python -m maskformer_jax.bench.vs_pytorch trajectory --steps 50
 
 `speed`: the train step (forward, the loss with deep supervision, backward, full-model clipping, AdamW)
 and inference (the forward pass as evaluation runs it: the last layer's class and mask predictions, no
-auxiliary heads) of the same configuration (R50 with the FPN or the "+6 Enc" pixel decoder) on the
-same inputs, ours and PyTorch alternated round by round; medians, ratios, our XLA compile time and
+auxiliary heads) of the same configuration (R50 with the FPN or the "+6 Enc" pixel decoder, or the R50
+Mask2Former against HF's Mask2FormerForUniversalSegmentation and its loss) on the same inputs, ours and PyTorch alternated round by round; medians, ratios, our XLA compile time and
 FLOPs (XLA cost analysis). `--memory` adds each side's peak resident memory, measured in a child process
 of its own that builds and trains only that side (one process cannot separate two frameworks'
 allocations); each figure includes its framework's runtime.
@@ -39,27 +40,39 @@ from maskformer_jax import train_step as ts
 from maskformer_jax.bench.train_step import make_batch, xla_flops
 from maskformer_jax.config import base_config
 from maskformer_jax.convert import merge_variables
+from maskformer_jax.convert import hf_mask2former
 from maskformer_jax.convert.hf import HF_IGNORED, abstract_variables, convert_state_dict, hf_key
 from maskformer_jax.models import PIXEL_MEAN, PIXEL_STD, build_model
 
-DECODERS = {"fpn": "base", "enc6": "transformer_encoder"}
+# --decoder: MaskFormer's two pixel decoders, or Mask2Former ("m2f": its deformable pixel decoder and
+# masked-attention decoder, against HF's Mask2FormerForUniversalSegmentation and its own loss).
+DECODERS = {"fpn": "base", "enc6": "transformer_encoder", "m2f": "base"}
 
 
 def model_config(decoder="fpn", *, depth=50, width=64, num_classes=133, queries=100, hidden=256, heads=8,
-                 ffn=2048, dec_layers=6, conv_dim=256, mask_dim=256, enc_layers=6):
-  """Our config.model for a ResNet MaskFormer (the COCO R50 shapes by default), dropout off."""
-  return dict(backbone="resnet", resnet_depth=depth, resnet_width=width, backbone_norm="frozen_bn",
-              pixel_decoder=DECODERS[decoder], conv_dim=conv_dim, mask_dim=mask_dim,
-              pixel_encoder_layers=enc_layers, num_queries=queries, hidden_dim=hidden, num_heads=heads,
-              dim_feedforward=ffn, dec_layers=dec_layers, dropout=0.0, enforce_input_proj=False,
+                 ffn=2048, dec_layers=None, conv_dim=256, mask_dim=256, enc_layers=6, enc_ffn=1024):
+  """Our config.model for a ResNet MaskFormer or ("m2f") Mask2Former, the COCO R50 shapes by default
+  (6 decoder layers, or Mask2Former's 9), dropout off."""
+  m2f = decoder == "m2f"
+  return dict(arch="mask2former" if m2f else "maskformer", backbone="resnet", resnet_depth=depth,
+              resnet_width=width, backbone_norm="frozen_bn", pixel_decoder=DECODERS[decoder], conv_dim=conv_dim,
+              mask_dim=mask_dim, pixel_encoder_layers=enc_layers, pixel_dim_feedforward=enc_ffn,
+              num_queries=queries, hidden_dim=hidden, num_heads=heads, dim_feedforward=ffn,
+              dec_layers=dec_layers or (9 if m2f else 6), dropout=0.0, enforce_input_proj=False,
               num_classes=num_classes, dtype="float32")
 
 
 def train_config(cfg, *, batch, size, max_instances, total_steps=1000, warmup_steps=10, warmup_factor=1.0,
                  decay_steps=()):
-  """Our full config around `cfg` (the COCO recipe's optimiser and loss), on one device."""
+  """Our full config around `cfg` (the COCO recipe's optimiser, and the loss of cfg's architecture as
+  HF's defaults have it: Mask2Former's on 12544 points), on one device."""
   c = base_config()
   c.model.update(cfg)
+  if cfg["arch"] == "mask2former":
+    l = c.loss
+    l.mask_loss, l.class_weight, l.mask_weight, l.dice_weight = "bce", 2.0, 5.0, 5.0
+    l.cost_class, l.cost_mask, l.cost_dice = 2.0, 5.0, 5.0
+    l.point_sampling, l.num_points, l.matcher_num_points = True, 12544, 12544
   c.batch_size, c.total_steps = batch, total_steps
   c.data.image_size, c.data.max_instances = tuple(size), max_instances
   o = c.optim
@@ -177,6 +190,48 @@ class TorchReference:
     return self.model.state_dict()
 
 
+class Mask2FormerReference(TorchReference):
+  """HF's Mask2FormerForUniversalSegmentation as it is (model, matcher, point-sampled loss with its
+  default weights), behind TorchReference's interface."""
+
+  def __init__(self, hf):
+    self.model = hf
+    self.train(False)
+
+  @classmethod
+  def from_config(cls, cfg, seed=0):
+    """A randomly initialised HF Mask2Former with the shapes of our ResNet `cfg` (dropout off)."""
+    import torch
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig
+    from maskformer_jax.models.backbone import RESNET_STAGES, stage_channels
+    torch.manual_seed(seed)
+    blocks, bottleneck = RESNET_STAGES[cfg["resnet_depth"]]
+    backbone = ResNetConfig(embedding_size=cfg["resnet_width"],
+                            hidden_sizes=list(stage_channels(cfg["resnet_depth"], cfg["resnet_width"])),
+                            depths=list(blocks), layer_type="bottleneck" if bottleneck else "basic",
+                            out_features=["stage1", "stage2", "stage3", "stage4"])
+    return cls(Mask2FormerForUniversalSegmentation(Mask2FormerConfig(
+        backbone_config=backbone, feature_size=cfg["conv_dim"], mask_feature_size=cfg["mask_dim"],
+        hidden_dim=cfg["hidden_dim"], encoder_layers=cfg["pixel_encoder_layers"],
+        encoder_feedforward_dim=cfg["pixel_dim_feedforward"], decoder_layers=cfg["dec_layers"] + 1,
+        num_attention_heads=cfg["num_heads"], dim_feedforward=cfg["dim_feedforward"],
+        num_queries=cfg["num_queries"], num_labels=cfg["num_classes"], dropout=0.0)))
+
+  def forward(self, x, aux=True):
+    out = self.model(pixel_values=x, output_auxiliary_logits=aux)
+    aux_out = [(a["class_queries_logits"], a["masks_queries_logits"]) for a in out.auxiliary_logits or []]
+    return out.class_queries_logits, out.masks_queries_logits, aux_out
+
+  def loss(self, x, mask_labels, class_labels):
+    return self.model(pixel_values=x, mask_labels=mask_labels, class_labels=class_labels).loss
+
+
+def reference(cfg, seed=0):
+  """The torch reference for our model config `cfg`: Mask2FormerReference or TorchReference."""
+  cls = Mask2FormerReference if cfg["arch"] == "mask2former" else TorchReference
+  return cls.from_config(cfg, seed)
+
+
 def torch_optimizer(ref, optim_config):
   """AdamW with detectron2's build_optimizer rules, decided on the torch modules themselves: no weight
   decay on norm layers (BatchNorm, GroupNorm, LayerNorm) and embeddings, the backbone multiplier on
@@ -233,8 +288,11 @@ def ours_from_torch(config, ref):
   """Our model, mesh, train state (weights converted from `ref`) and jitted train step."""
   model = build_model(config.model)
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
-  variables = convert_state_dict(ref.state_dict(), abstract_variables(model), hf_key, ignore=HF_IGNORED,
-                                 source="torch reference")
+  if config.model.arch == "mask2former":
+    variables = hf_mask2former.convert_mask2former(ref.state_dict(), model)
+  else:
+    variables = convert_state_dict(ref.state_dict(), abstract_variables(model), hf_key, ignore=HF_IGNORED,
+                                   source="torch reference")
   state = ts.init_state(config, model, mesh, jax.random.key(config.seed))
   state = merge_variables(state, variables, what="torch reference")
   return model, mesh, state, ts.make_train_step(config, model, mesh)
@@ -250,7 +308,7 @@ def trajectory(cfg, *, steps=50, batch=2, size=(64, 64), max_instances=8, seed=0
   torch.manual_seed(seed)
   config = train_config(cfg, batch=batch, size=size, max_instances=max_instances, total_steps=steps,
                         warmup_steps=10, warmup_factor=0.1, decay_steps=(2 * steps // 3,))
-  ref = TorchReference.from_config(cfg, seed).train()
+  ref = reference(cfg, seed).train()
   opt, sched = torch_optimizer(ref, config.optim)
   model, mesh, state, step = ours_from_torch(config, ref)
   rng = np.random.default_rng(seed)
@@ -279,7 +337,7 @@ def speed(cfg, *, batch, size, rounds, max_instances=100, segments=20, log=print
   (s), our compile times and the train step's XLA FLOPs."""
   import torch
   config = train_config(cfg, batch=batch, size=size, max_instances=max_instances)
-  ref = TorchReference.from_config(cfg).train()
+  ref = reference(cfg).train()
   opt, sched = torch_optimizer(ref, config.optim)
   model, mesh, state, step = ours_from_torch(config, ref)
   b = make_batch(np.random.default_rng(0), batch, *size, max_instances, cfg["num_classes"], segments)
@@ -344,7 +402,7 @@ def _peak_rss_run(side, cfg, batch, size, steps):
   config = train_config(cfg, batch=batch, size=size, max_instances=100)
   b = make_batch(np.random.default_rng(0), batch, *size, 100, cfg["num_classes"], 20)
   if side == "torch":
-    ref = TorchReference.from_config(cfg).train()
+    ref = reference(cfg).train()
     opt, sched = torch_optimizer(ref, config.optim)
     inputs = torch_inputs(b)
     for _ in range(steps):
