@@ -12,6 +12,7 @@ import os
 
 import ml_collections
 
+from maskformer_jax import criterion
 from maskformer_jax import matcher
 from maskformer_jax import optim
 from maskformer_jax import sharding
@@ -312,6 +313,7 @@ CHOICES = {
     ("model", "msdeform_method"): MSDEFORM_METHODS,
     ("optim", "schedule"): optim.SCHEDULES,
     ("loss", "matcher"): matcher.MATCHERS,
+    ("loss", "mask_loss"): criterion.MASK_LOSSES,
     ("data", "dataset"): pipeline.DATASETS,
     ("data", "recipe"): transforms.RECIPES,
     ("data", "bad_input"): BAD_INPUT_POLICIES,

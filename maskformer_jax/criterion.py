@@ -1,7 +1,8 @@
 """The MaskFormer set criterion (docs/reference.md section 2), on static shapes inside the jitted step.
 
 Per decoder layer: matching costs -> exact assignment (no gradient) -> cross-entropy over all queries
-(no-object weight `eos_coef`) + sigmoid focal and dice on the matched (query, target) pairs. Deep
+(no-object weight `eos_coef`) + sigmoid focal (MaskFormer) or binary cross-entropy (Mask2Former:
+`loss.mask_loss`) and dice on the matched (query, target) pairs. Deep
 supervision re-matches every auxiliary layer and weights it like the main one (the original's
 `aux_weight_dict`). Targets stay compact: `segments` [B, H, W] and the binary masks are built on device
 only where needed.
@@ -54,6 +55,17 @@ def sigmoid_focal(logits, targets, alpha=0.25, gamma=2.0):
   if alpha >= 0:
     loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
   return loss
+
+
+def sigmoid_bce(logits, targets, alpha=None, gamma=None):
+  """Elementwise binary cross-entropy with logits (Mask2Former's mask loss; alpha, gamma unused)."""
+  del alpha, gamma
+  return jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+
+
+# config.loss.mask_loss -> the elementwise mask term f(logits, targets, alpha, gamma), averaged over the
+# pixels or points of each mask; the matcher's mask cost follows the same choice.
+MASK_LOSSES = {"focal": sigmoid_focal, "bce": sigmoid_bce}
 
 
 def dice(logits, targets):
@@ -117,8 +129,8 @@ def _per_active_slot(fn, src, active):
   return focal.T, dsc.T
 
 
-def upsampled_mask_losses(src, segments, alpha, gamma, active=None):
-  """Per-pair focal (mean over pixels) and dice, [B, M] each, of `src` [B, M, h, w] upsampled
+def upsampled_mask_losses(src, segments, alpha, gamma, active=None, mask_loss="focal"):
+  """Per-pair mask loss (`mask_loss` of MASK_LOSSES, mean over pixels) and dice, [B, M] each, of `src` [B, M, h, w] upsampled
   bilinearly (align_corners=False, as torch F.interpolate) to the full-res masks of `segments`.
 
   Slot by slot under rematerialisation, so at most one [B, H, W] logit map of a slot is alive: the
@@ -127,20 +139,22 @@ def upsampled_mask_losses(src, segments, alpha, gamma, active=None):
   """
   b = src.shape[0]
   height, width = segments.shape[1:]
+  pointwise = MASK_LOSSES[mask_loss]
 
   def run(x, slot):  # [B, h, w], the slot index
     x = jax.image.resize(x, (b, height, width), "bilinear", antialias=False).reshape(b, -1)
     t = (segments == slot).reshape(b, -1).astype(jnp.float32)
-    return jnp.mean(sigmoid_focal(x, t, alpha, gamma), axis=-1), dice(x, t)
+    return jnp.mean(pointwise(x, t, alpha, gamma), axis=-1), dice(x, t)
 
   return _per_active_slot(run, src, active)
 
 
 def point_mask_losses(src, segments, rng, loss_config, active=None):
-  """Per-pair focal (mean over points) and dice, [B, M] each, on the points Mask2Former samples for each
-  slot's prediction, against bilinear samples of the binary target. Slots no image uses are skipped;
-  each slot draws its own points, from `rng` folded with the slot index."""
+  """Per-pair mask loss (`loss_config.mask_loss`, mean over points) and dice, [B, M] each, on the points
+  Mask2Former samples for each slot's prediction, against bilinear samples of the binary target. Slots
+  no image uses are skipped; each slot draws its own points, from `rng` folded with the slot index."""
   lc = loss_config
+  pointwise = MASK_LOSSES[lc.mask_loss]
 
   def run(x, slot):  # [B, h, w], the slot index
     coords = sg(points_lib.sample_points_with_uncertainty(
@@ -148,7 +162,7 @@ def point_mask_losses(src, segments, rng, loss_config, active=None):
         float(lc.importance_sample_ratio)))  # [B, 1, P, 2]
     logits = points_lib.point_sample(x[:, None], coords)[:, 0]  # [B, P]
     tgt = sample_targets(segments, coords, 1, first_slot=slot)[:, 0]
-    return jnp.mean(sigmoid_focal(logits, tgt, lc.focal_alpha, lc.focal_gamma), axis=-1), dice(logits, tgt)
+    return jnp.mean(pointwise(logits, tgt, lc.focal_alpha, lc.focal_gamma), axis=-1), dice(logits, tgt)
 
   return _per_active_slot(run, src, active)
 
@@ -165,7 +179,8 @@ def match(pred_logits, pred_masks, batch, loss_config, rng=None):
   cost = matcher_lib.matching_costs(
       sg(pred_logits), sg(pred_masks), batch["labels"], tgt, batch["valid"],
       cost_class=lc.cost_class, cost_mask=lc.cost_mask, cost_dice=lc.cost_dice,
-      alpha=lc.focal_alpha, gamma=lc.focal_gamma, num_points=int(lc.matcher_num_points), rng=rng)
+      alpha=lc.focal_alpha, gamma=lc.focal_gamma, num_points=int(lc.matcher_num_points), rng=rng,
+      mask_loss=lc.mask_loss)
   return sg(matcher_lib.make_matcher(lc.matcher)(sg(cost), batch["valid"]))
 
 
@@ -195,7 +210,7 @@ def layer_losses(pred_logits, pred_masks, batch, indices, loss_config, *, num_ma
   if lc.point_sampling:  # Mask2Former: uncertainty-based importance-sampled points
     focal, dsc = point_mask_losses(src, segments, rng, lc, matched)
   else:  # original: bilinear (align_corners=False) upsampling to the padded full-res target
-    focal, dsc = upsampled_mask_losses(src, segments, lc.focal_alpha, lc.focal_gamma, matched)
+    focal, dsc = upsampled_mask_losses(src, segments, lc.focal_alpha, lc.focal_gamma, matched, lc.mask_loss)
   m = matched.astype(jnp.float32)
   loss_mask = jnp.sum(focal * m) / num_masks
   loss_dice = jnp.sum(dsc * m) / num_masks

@@ -282,8 +282,9 @@ def matching_points(rng, batch, num_points):
 
 
 def matching_costs(pred_logits, pred_masks, labels, target_masks, valid, *, cost_class, cost_mask,
-                   cost_dice, alpha=0.25, gamma=2.0, num_points=0, rng=None):
-  """Pairwise matching cost [B, Q, M]: class + sigmoid focal + dice, as MaskFormer's matcher.
+                   cost_dice, alpha=0.25, gamma=2.0, num_points=0, rng=None, mask_loss="focal"):
+  """Pairwise matching cost [B, Q, M]: class + sigmoid focal + dice, as MaskFormer's matcher, or with
+  `mask_loss="bce"` class + binary cross-entropy + dice, as Mask2Former's.
 
   Focal and dice are written as matrix products over pixels, so nothing of size [B, Q, M, H, W] exists.
   Without points, `target_masks` ([B, M, Ht, Wt], Ht = s * h) are nearest-downsampled by striding, which is
@@ -318,10 +319,13 @@ def matching_costs(pred_logits, pred_masks, labels, target_masks, valid, *, cost
   npix = x.shape[-1]
 
   p = jax.nn.sigmoid(x)
-  focal_pos = alpha * (1.0 - p) ** gamma * jax.nn.softplus(-x)  # BCE(x, 1)
-  focal_neg = (1.0 - alpha) * p ** gamma * jax.nn.softplus(x)  # BCE(x, 0)
+  pos, neg = jax.nn.softplus(-x), jax.nn.softplus(x)  # BCE(x, 1), BCE(x, 0)
+  if mask_loss == "focal":
+    pos, neg = alpha * (1.0 - p) ** gamma * pos, (1.0 - alpha) * p ** gamma * neg
+  elif mask_loss != "bce":
+    raise ValueError(f"mask_loss={mask_loss!r} is not one of ['bce', 'focal'].")
   # sum_p pos*t + neg*(1-t) = (pos-neg) @ t + sum_p neg: one matrix product.
-  c_mask = (_mm(focal_pos - focal_neg, t) + focal_neg.sum(-1)[:, :, None]) / npix
+  c_mask = (_mm(pos - neg, t) + neg.sum(-1)[:, :, None]) / npix
   numer = 2.0 * _mm(p, t)
   denom = p.sum(-1)[:, :, None] + t.sum(-1)[:, None, :]
   c_dice = 1.0 - (numer + 1.0) / (denom + 1.0)
