@@ -82,10 +82,13 @@ def get_config(arg=None):
 
 
 def mask2former(c):
-  """The demo's Mask2Former: the same sizes, data, optimiser and schedule; Mask2Former's model (deformable
-  pixel decoder with 2 layers of FFN 256, 6 masked-attention layers: each of the three levels twice) and
-  its loss (class 2, BCE 5, dice 5, matching costs alike), on 256 points a mask: the predicted masks are
-  16x16 here, so 256 points are as many as pixels (the published 12544 are ~1/5 of a 256x256 mask)."""
+  """The demo's Mask2Former: the same sizes, data and optimiser; Mask2Former's model (deformable pixel
+  decoder with 2 layers of FFN 256, 6 masked-attention layers: each of the three levels twice) and its
+  loss (class 2, BCE 5, dice 5, matching costs alike), on 256 points a mask: the predicted masks are
+  16x16 here, so 256 points are as many as pixels (the published 12544 are ~1/5 of a 256x256 mask).
+  A step costs about twice MaskFormer's, so 1250 steps fit the demo's few minutes (docs/benchmarks.md)."""
+  c.total_steps = 1250
+  c.evals.val.every = 125
   m = c.model
   m.arch, m.dec_layers, m.pixel_encoder_layers, m.pixel_dim_feedforward = "mask2former", 6, 2, 256
   l = c.loss

@@ -33,7 +33,8 @@ def test_accelerator_bench_runs_on_the_tiny_config(tmp_path, capsys):
   cells = [c.strip() for c in row.split("|")[1:-1]]
   assert np.isfinite(float(cells[-1])) and float(cells[5]) > 0 and float(cells[7]) > 0  # loss, XLA GiB, GFLOP
   assert "Costliest operations of `bfloat16+remat+points`" in text
-  assert "Skipped (time budget spent): float32." in text and text.count("Skipped: the time budget") == 3
+  assert "Skipped (time budget spent): float32." in text and text.count("Skipped: the time budget") == 5
+  assert "### Mask2Former train step: configs/mask2former.py" in text
 
 
 def test_bench_variants_compose_and_unknown_parts_fail():

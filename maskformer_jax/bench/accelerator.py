@@ -11,7 +11,10 @@ stays under the limit and what ran is written out however far it got. The parts,
    and the fraction of the chip's bfloat16 peak, with the bfloat16 step's costliest operations
    (bench/train_step.py);
 2. the matcher on the device against scipy (bench/matcher.py);
-3. when torch and transformers are installed there: the post-processing against Hugging Face's
+3. Mask2Former: its deformable-attention sampling by gathers against the matmul formulation
+   (bench/msdeform.py), and the train step of `--m2f-config` (configs/mask2former.py, bfloat16 as its
+   recipe) at the same batch and size;
+4. when torch and transformers are installed there: the post-processing against Hugging Face's
    (bench/postprocess.py), and the side by side with PyTorch (bench/vs_pytorch.py), which is a
    comparison on the same CPU (the torch reference runs on the CPU), so it runs with JAX on the CPU too.
 
@@ -52,6 +55,7 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", default="accelerator.md")
   p.add_argument("--config", default="configs/coco_panoptic.py")
+  p.add_argument("--m2f-config", default="configs/mask2former.py", help="the Mask2Former train step's config")
   p.add_argument("--batch", type=int, default=32, help="global batch of the train step (fill the device)")
   p.add_argument("--size", type=int, nargs=2, default=(512, 512))
   p.add_argument("--variants", nargs="+", default=["float32", "bfloat16", "bfloat16+remat", "bfloat16+points"])
@@ -86,6 +90,19 @@ def main(argv=None):
   write()
   lines += _subprocess_part("Matcher", ["maskformer_jax.bench.matcher", "--batch", "8", "64", "--m", "30", "100",
                                         "--peers", "scipy loop"], deadline, 120) + [""]
+  write()
+  lines += _subprocess_part("Mask2Former's deformable-attention sampling: gathers against matmuls",
+                            ["maskformer_jax.bench.msdeform", "--batch", "8"], deadline, 120) + [""]
+  write()
+  lines += [f"### Mask2Former train step: {args.m2f_config}, global batch {args.batch} at "
+            f"{args.size[0]}x{args.size[1]}", ""]
+  if deadline - time.monotonic() < 60:
+    lines.append(f"Skipped: the time budget was spent ({deadline - time.monotonic():.0f} s left).")
+  else:
+    lines.append(bench_train_step.table(bench_train_step.measure(
+        args.m2f_config, args.batch, args.size, ["bfloat16"], args.steps, log=lambda s: print(s, flush=True)),
+        args.batch))
+  lines.append("")
   write()
   lines += _subprocess_part("Panoptic post-processing (ours on the device, Hugging Face on the CPU)",
                             ["maskformer_jax.bench.postprocess", "--rounds", "3"], deadline, 120) + [""]
