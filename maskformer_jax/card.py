@@ -314,9 +314,10 @@ def render(card: dict) -> str:
 
 
 def write_training_card(workdir, config, model, state, *, training: dict, metrics=None, source=None,
-                        split=None) -> None:
+                        split=None, skipped_inputs=None) -> None:
   """The card of a training run's final state, into `workdir`. Collective (every process calls it:
-  sharded weights are gathered to the host); process 0 runs the probes and writes."""
+  sharded weights are gathered to the host); process 0 runs the probes and writes. `skipped_inputs`:
+  the training data's bad inputs skipped by every reading process (coco_panoptic.recorded_skips)."""
   from jax.experimental import multihost_utils
   variables = variables_of(state)
   if jax.process_count() > 1:
@@ -325,6 +326,8 @@ def write_training_card(workdir, config, model, state, *, training: dict, metric
     return
   variables = jax.device_get(variables)
   c = base_card(config, "training", source=source, split=split)
+  if skipped_inputs is not None:
+    c["data"]["skipped_inputs"] = skipped_inputs
   c["training"] = training
   c["metrics"] = metrics or {}
   c, probes = add_fingerprint(c, config, model, variables)
@@ -404,9 +407,13 @@ def load_variables(directory, config, card=None):
 
 
 def _run_export(fmt, path, images) -> dict:
-  """An exported file's outputs on `images`: StableHLO through jax.export, ONNX through onnxruntime."""
+  """An exported file's outputs on `images`: StableHLO through jax.export, ONNX through onnxruntime,
+  a SavedModel (`path` its saved_model.pb) through TensorFlow."""
   if fmt == "stablehlo":
     return jax.device_get(jax.export.deserialize(bytearray(path.read_bytes())).call(images))
+  if fmt == "savedmodel":
+    from maskformer_jax import export
+    return export.savedmodel_runner(path.parent)(images)
   import onnxruntime
   session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
   got = session.run(None, {session.get_inputs()[0].name: np.asarray(images, np.float32)})
@@ -415,7 +422,8 @@ def _run_export(fmt, path, images) -> dict:
 
 def verify_export(directory, card: dict, *, source=None, tol=1e-4) -> list[str]:
   """An export's card: the exported file's sha256 (the weights are baked into it), its outputs on the
-  stored probes (StableHLO through jax.export, ONNX through onnxruntime), and with `source` (the
+  stored probes (StableHLO through jax.export, ONNX through onnxruntime, a SavedModel through
+  TensorFlow), and with `source` (the
   checkpoint it came from) the source weights' digest."""
   record, bad = card.get("export") or {}, []
   path = epath.Path(directory) / str(record.get("file"))
@@ -424,7 +432,7 @@ def verify_export(directory, card: dict, *, source=None, tol=1e-4) -> list[str]:
   if record.get("sha256") and sha256(path) != record["sha256"]:
     bad.append(f"export.sha256: {path.name} sha256 {sha256(path)[:16]}... != the card's "
                f"{record['sha256'][:16]}...")
-  if record.get("format") in ("stablehlo", "onnx"):
+  if record.get("format") in ("stablehlo", "onnx", "savedmodel"):
     with (epath.Path(directory) / PROBES_FILE).open("rb") as f:
       images = np.load(f)["images"]
     try:

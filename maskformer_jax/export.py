@@ -20,7 +20,9 @@ Formats:
               StableHLO consumer: IREE, XLA, TF's XlaCallModule), lowered for --platforms (default this
               machine's backend only; the check runs the variant of the machine exporting).
   onnx        OUT/model.onnx through jax2onnx, run and checked with onnxruntime (both in the test extra).
-  savedmodel  through orbax-export, which needs TensorFlow (pip install -e '.[tf]').
+  savedmodel  OUT/savedmodel/ through orbax-export, a TensorFlow SavedModel ('serving_default': uint8
+              'images' [None, H, W, 3] -> the outputs by name), loaded back with TensorFlow and checked;
+              needs the optional extra (pip install -c constraints.txt -e '.[tf]').
 """
 import argparse
 import importlib.metadata
@@ -214,11 +216,43 @@ def _first_line(e) -> str:
 
 
 def export_savedmodel(forward, size, out_dir, platforms=None, reference=None) -> dict:
-  """OUT/savedmodel through orbax-export (TensorFlow's SavedModel)."""
-  if not all(importlib.util.find_spec(m) for m in ("tensorflow", "orbax.export")):
-    raise ExportError("--format savedmodel needs TensorFlow and orbax-export, the optional extra 'tf': "
-                      "pip install -e '.[tf]' (or use --format stablehlo).") from None
-  raise ExportError("--format savedmodel is not implemented yet; use --format stablehlo.")
+  """OUT/savedmodel through orbax-export: a TensorFlow SavedModel whose 'serving_default' signature
+  takes uint8 'images' [None, H, W, 3] and returns the forward's outputs by name. orbax-export converts
+  with jax2tf's native serialisation (the function's StableHLO inside an XlaCallModule op, the batch
+  polymorphic), so TF runs what XLA compiles here, not a re-implementation. The weights stay constants
+  in that module, as in the other formats. Read back with tf.saved_model.load and verified."""
+  try:
+    import tensorflow as tf
+    from orbax.export import ExportManager, JaxModule, ServingConfig
+  except ImportError as e:
+    raise ExportError(f"--format savedmodel needs TensorFlow and orbax-export ({e}): pip install -c "
+                      "constraints.txt -e '.[tf]' (or use --format stablehlo).") from None
+  h, w = int(size[0]), int(size[1])
+  path = os.path.join(out_dir, "savedmodel")
+  kwargs = {"native_serialization_platforms": list(platforms)} if platforms else {}
+  module = JaxModule({}, lambda params, images: forward(images), trainable=False,
+                     input_polymorphic_shape="(b, ...)", jax2tf_kwargs=kwargs)
+  signature = [tf.TensorSpec((None, h, w, 3), tf.uint8, name="images")]
+  try:
+    ExportManager(module, [ServingConfig("serving_default", input_signature=signature)]).save(path)
+  except Exception as e:  # noqa: BLE001 -- jax2tf and TF name the operation or shape they refuse
+    raise ExportError(f"orbax-export {importlib.metadata.version('orbax-export')} (TensorFlow "
+                      f"{tf.__version__}) cannot save the model: {_first_line(e)}; use --format "
+                      "stablehlo.") from None
+  return {"file": "savedmodel/saved_model.pb", "platforms": list(platforms or [jax.default_backend()]),
+          "signature": "serving_default",
+          "tensorflow_version": tf.__version__, "orbax_export_version": importlib.metadata.version("orbax-export"),
+          "verified_on": jax.default_backend(), **verify(reference or forward, savedmodel_runner(path), size)}
+
+
+def savedmodel_runner(path):
+  """images -> outputs of the SavedModel directory `path`'s 'serving_default' signature."""
+  import tensorflow as tf
+  serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+
+  def run(images):
+    return {k: v.numpy() for k, v in serve(images=tf.constant(np.asarray(images, np.uint8))).items()}
+  return run
 
 
 def _categories(config, path, ckpt_dir):
@@ -297,7 +331,7 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True, help="output directory")
   parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="the exported image size "
                       "(default: the config's data.eval_size)")
-  parser.add_argument("--platforms", help="stablehlo: comma-separated platforms to lower for, e.g. "
+  parser.add_argument("--platforms", help="stablehlo, savedmodel: comma-separated platforms to lower for, e.g. "
                       "cpu,cuda,tpu (default: this machine's; the check runs here)")
   parser.add_argument("--postprocess", action="store_true", help="include the panoptic post-processing "
                       "(inference.panoptic_inference at the exported size)")

@@ -21,10 +21,13 @@ from maskformer_jax import convert
 from maskformer_jax import metrics as metrics_lib
 from maskformer_jax import sharding
 from maskformer_jax import train_step as train_step_lib
+from maskformer_jax.data import coco_panoptic
 from maskformer_jax.data import pipeline
 from maskformer_jax.data import synthetic
 from maskformer_jax.evaluation import common as evaluation
 from maskformer_jax.models import build_model
+
+SKIPS_DIR = "skipped_inputs"  # in the workdir: the training data's skip counts, a file per reading process
 
 
 def itstime(step: int, every: int, total: int) -> bool:
@@ -40,6 +43,8 @@ def train_and_evaluate(config, workdir: str):
   config = synthetic.resolve_data_root(config)
   mesh = sharding.make_mesh(config.mesh)
   train_source = pipeline.make_source(config, config.data.train_split, require_segments=True)
+  if hasattr(train_source, "policy"):  # every reading process keeps its skip counts there, for the card
+    train_source.policy.record_to(epath.Path(workdir) / SKIPS_DIR)
   evaluators = evaluation.from_config(config)
   eval_sources = {name: pipeline.make_source(config, evaluation.split(config, ev))  # fail before compiling
                   for name, ev in config.evals.items() if ev.every > 0}
@@ -157,7 +162,8 @@ def write_card(config, workdir, model, mesh, state, *, step, skipped, wall_time_
               "skipped_steps": int(skipped), "wall_time_s": round(float(wall_time_s), 1)}
   try:
     card_lib.write_training_card(workdir, config, model, state, training=training, metrics=evals,
-                                 source=source, split=config.data.train_split)
+                                 source=source, split=config.data.train_split,
+                                 skipped_inputs=coco_panoptic.recorded_skips(epath.Path(workdir) / SKIPS_DIR))
   except Exception as e:  # noqa: BLE001
     logging.error("The model card of %s was not written: %s: %s", workdir, type(e).__name__, e)
     return

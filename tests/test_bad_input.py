@@ -257,6 +257,32 @@ def test_six_kinds_train_skips_counts_and_names_each(tmp_path, caplog):
   assert sorted(i for i in ids if i > 0) == GOOD_IDS and len(ids) == 16
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skips_of_every_reading_process_are_recorded_and_added_up(tmp_path, workers):
+  """Grain's worker processes skip with their own copy of the policy; record_to makes their counts
+  reach the main process (the model card's data.skipped_inputs), each process counting what it read."""
+  six_kinds_root(tmp_path / "data")
+  c = base_config()
+  c.data.root, c.model.num_classes, c.data.max_instances, c.data.num_workers = str(tmp_path / "data"), 4, 8, workers
+  c.data.image_size = (16, 16)
+  c.batch_size = 1  # no example left out of a worker's last batch
+  src = pipeline.make_source(c, "val2017", require_segments=True)
+  assert coco_panoptic.recorded_skips(tmp_path / "skips") == {"total": 0, "by_kind": {}, "images": 0,
+                                                              "image_ids": []}
+  src.policy.record_to(tmp_path / "skips")
+  batches = list(pipeline.make_loader(c, "val2017", train=True, seed=0, shard_index=0, shard_count=1,
+                                      num_epochs=2, source=src))
+  assert sorted(i for b in batches for i in b["image_id"].tolist()) == sorted(GOOD_IDS * 2)
+  want = {}
+  for kind in SIX_KINDS.values():
+    want[kind] = want.get(kind, 0) + 2  # two epochs: each bad example skipped twice
+  got = coco_panoptic.recorded_skips(tmp_path / "skips")
+  assert got == {"total": 2 * len(SIX_KINDS), "by_kind": dict(sorted(want.items())),
+                 "images": len(SIX_KINDS), "image_ids": sorted(SIX_KINDS)}
+  assert len(list((tmp_path / "skips").glob("*.json"))) == max(workers, 1)
+  assert pickle.loads(pickle.dumps(src.policy)).counts == {}  # a copy counts what it reads itself
+
+
 def test_check_reports_each_bad_kind_with_its_file(tmp_path):
   ann = six_kinds_root(tmp_path)
   (tmp_path / "panoptic_val2017" / "000012.png").write_bytes(b"")  # an empty PNG too

@@ -1,5 +1,6 @@
 """maskformer_jax.export: StableHLO exports of tiny models match the JAX model at two batch sizes after a
-round trip through the file; ONNX and SavedModel fail with messages that say what to do."""
+round trip through the file, as do ONNX (through onnxruntime) and TF SavedModel (through TensorFlow)
+exports; what a format or converter cannot do fails with a message that says what to do."""
 import json
 import shutil
 import sys
@@ -179,10 +180,30 @@ def test_onnx_that_onnxruntime_refuses_is_named(monkeypatch, tmp_path):
     export.export_onnx(lambda x: {"pred_logits": x}, SIZE, tmp_path)
 
 
-def test_savedmodel_needs_tensorflow(tmp_path):
-  if all(export.importlib.util.find_spec(m) for m in ("tensorflow", "orbax.export")):
-    pytest.skip("TensorFlow and orbax-export are installed")
-  with pytest.raises(export.ExportError, match=r"pip install -e '\.\[tf\]'"):
+def test_savedmodel_fpn_with_postprocess(fpn_checkpoint, tmp_path):
+  """A TF SavedModel through orbax-export (the optional 'tf' extra, installed for the suite): the
+  'serving_default' signature reproduces the JAX model and its panoptic post-processing at two batch
+  sizes, and its card verifies, naming a changed file."""
+  out = tmp_path / "out"
+  record = export.export(fpn_checkpoint, "savedmodel", out, size=SIZE, postprocess=True)
+  assert record["passed"] and record["format"] == "savedmodel" and record["signature"] == "serving_default"
+  assert all(d <= 1e-4 for d in record["max_abs_diff"].values()), record
+  assert set(record["max_abs_diff"]) == {*export.OUTPUTS, *export.PANOPTIC_OUTPUTS}
+  import tensorflow as tf
+  serve = tf.saved_model.load(str(out / "savedmodel")).signatures["serving_default"]
+  (spec,) = serve.structured_input_signature[1].values()
+  assert spec.shape.as_list() == [None, *SIZE, 3] and spec.dtype == tf.uint8
+  assert card_lib.verify(out, source=fpn_checkpoint) == []
+  pb = out / "savedmodel" / "saved_model.pb"
+  pb.write_bytes(pb.read_bytes() + b"\0")
+  bad = card_lib.verify(out)
+  assert bad and bad[0].startswith("export.sha256: saved_model.pb"), bad
+
+
+def test_savedmodel_without_tensorflow(monkeypatch, tmp_path):
+  monkeypatch.setitem(sys.modules, "tensorflow", None)  # import fails
+  with pytest.raises(export.ExportError, match=r"needs TensorFlow and orbax-export.*-e '\.\[tf\]' \(or use "
+                     "--format stablehlo"):
     export.export_savedmodel(lambda x: x, SIZE, tmp_path)
 
 

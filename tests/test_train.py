@@ -7,6 +7,7 @@ compilation cache, so only the first one compiles.
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -384,16 +385,24 @@ def test_consecutive_non_finite_steps_stop_the_run(env, tmp_path):
 @pytest.mark.slow
 def test_relative_paths_end_to_end(env, tmp_path):
   """train, evaluate, predict and pq_compute with every path relative to the directory they run in
-  (orbax itself refuses relative checkpoint paths)."""
-  os.symlink(env["data"], tmp_path / "data")
+  (orbax itself refuses relative checkpoint paths). Half the training images are empty files, read by
+  two grain worker processes: the card counts the skips the workers made."""
+  shutil.copytree(env["data"], tmp_path / "data")
+  emptied = sorted((tmp_path / "data" / "train2017").glob("*.jpg"))[::2]
+  for f in emptied:
+    f.write_bytes(b"")
   os.symlink(ROOT / "configs", tmp_path / "configs")
   common = ["--config=configs/coco_panoptic.py:runlocal", "--config.data.root=data"]
   r = subprocess.run([sys.executable, "-m", "maskformer_jax.train", *common, "--workdir=runs/rel",
                       "--config.total_steps=4", "--config.train.checkpoint_every=4",
-                      "--config.evals.val.every=4"],
+                      "--config.evals.val.every=4", "--config.data.num_workers=2"],
                      env=env["env"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   workdir = tmp_path / "runs" / "rel"
+  skipped = json.loads((workdir / "card.json").read_text())["data"]["skipped_inputs"]
+  assert skipped["total"] >= 1 and set(skipped["by_kind"]) == {"empty_file"}, skipped
+  assert set(skipped["image_ids"]) <= {int(f.stem) for f in emptied} and skipped["images"] >= 1
+  assert "skipped_inputs" in (workdir / "CARD.md").read_text()
   assert (workdir / "checkpoints" / "4" / "state").is_dir()
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert any("pq" in row and row["step"] == 4 for row in rows)

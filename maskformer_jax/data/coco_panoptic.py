@@ -20,6 +20,10 @@ import io
 import json
 import logging
 import math
+import os
+import socket
+import threading
+import uuid
 
 import cv2
 import numpy as np
@@ -66,21 +70,67 @@ BAD_INPUT_POLICIES = ("skip", "raise")  # config.data.bad_input
 
 
 class BadInputPolicy:
-  """'raise' or 'skip' (count and log each skip; `counts` is per process)."""
+  """'raise' or 'skip' (count and log each skip; `counts` is per process).
+
+  Grain's worker processes read with their own unpickled copy, whose counts the main process never
+  sees; `record_to(DIR)` makes every copy also keep its counts in a file of DIR (one per process and
+  run, rewritten at each skip), which `recorded_skips(DIR)` adds up for the model card. A copy starts
+  from zero: each process counts what it read itself."""
+
+  MAX_IDS = 1000  # image ids kept per process file
 
   def __init__(self, mode):
     if mode not in BAD_INPUT_POLICIES:
       raise ValueError(f"data.bad_input={mode!r} is not one of {BAD_INPUT_POLICIES}.")
     self.mode = mode
     self.counts = collections.Counter()
+    self.image_ids = set()
+    self.directory = self.run = None
+    self.lock = threading.Lock()  # grain's reading threads call the policy concurrently
+
+  def record_to(self, directory):
+    self.directory, self.run = str(directory), uuid.uuid4().hex[:12]
+
+  def __getstate__(self):
+    return {**self.__dict__, "counts": collections.Counter(), "image_ids": set(), "lock": None}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, lock=threading.Lock())
 
   def __call__(self, err, image_id):
     if self.mode == "raise":
       raise err
-    self.counts[err.kind] += 1
-    log.warning("skipping bad input %s (skips so far in this process: %s)", err,
-                dict(self.counts))
+    with self.lock:
+      self.counts[err.kind] += 1
+      self.image_ids.add(int(image_id))
+      counts = dict(self.counts)
+      if self.directory:
+        self._write(counts)
+    log.warning("skipping bad input %s (skips so far in this process: %s)", err, counts)
     return {"image_id": int(image_id), "skip": err.kind}
+
+  def _write(self, counts):
+    try:
+      d = epath.Path(self.directory)
+      d.mkdir(parents=True, exist_ok=True)
+      record = {"counts": counts, "image_ids": sorted(self.image_ids)[:self.MAX_IDS]}
+      (d / f"{socket.gethostname()}-{os.getpid()}-{self.run}.json").write_text(json.dumps(record))
+    except OSError as e:  # the skip itself is logged; a lost count must not stop training
+      log.error("could not record the skip counts in %s: %s", self.directory, e)
+
+
+def recorded_skips(directory) -> dict:
+  """The skips every process recorded in `directory` (BadInputPolicy.record_to): {"total", "by_kind",
+  "images" (distinct image ids), "image_ids" (the first 20)}; zeros when none was recorded. Reading
+  ahead counts too: a skipped record the loader read but training did not reach is included."""
+  d = epath.Path(directory)
+  counts, ids = collections.Counter(), set()
+  for f in sorted(d.glob("*.json")) if d.exists() else []:
+    record = json.loads(f.read_text())
+    counts.update(record["counts"])
+    ids.update(record["image_ids"])
+  return {"total": sum(counts.values()), "by_kind": dict(sorted(counts.items())), "images": len(ids),
+          "image_ids": sorted(ids)[:20]}
 
 
 def _decode_pil(data, path, opencv_error=""):

@@ -33,7 +33,6 @@ def _skip_decoders():
 def open_data_source(split, data_dir):
   """(random-access records, label names) for one split of the prepared dataset; never downloads."""
   import tensorflow_datasets as tfds
-  from etils import epath
   try:
     src = tfds.data_source(NAME, split=split, data_dir=data_dir, download=False,
                            decoders=_skip_decoders())
@@ -41,17 +40,31 @@ def open_data_source(split, data_dir):
   except ModuleNotFoundError as e:  # no TensorFlow: the builder code cannot be built
     if "tensorflow" not in str(e):
       raise
+  except NotImplementedError as e:  # with TensorFlow: nothing prepared there in a random-access format
+    if data_dir is not None and not _prepared_versions(data_dir):
+      raise FileNotFoundError(_not_prepared(data_dir)) from None
+    raise FileNotFoundError(f"{NAME} under {data_dir or 'the TFDS default data_dir'} is not prepared in a "
+                            f"random-access format: {str(e).splitlines()[0]} Prepare it with "
+                            "file_format='array_record'.") from None
   if data_dir is None:
     raise FileNotFoundError("without TensorFlow, set data.root to the TFDS data_dir holding a "
                             f"prepared {NAME}")
-  versions = sorted((p for p in (epath.Path(data_dir) / NAME).glob("*")
-                     if (p / "dataset_info.json").exists()),
-                    key=lambda p: tuple(int(x) for x in p.name.split(".") if x.isdigit()))
+  versions = _prepared_versions(data_dir)
   if not versions:
-    raise FileNotFoundError(f"no prepared {NAME} under {data_dir} (expected "
-                            f"{data_dir}/{NAME}/<version>/dataset_info.json)")
+    raise FileNotFoundError(_not_prepared(data_dir))
   builder = tfds.builder_from_directory(versions[-1])
   return builder.as_data_source(split=split, decoders=_skip_decoders()), _label_names(builder.info)
+
+
+def _not_prepared(data_dir):
+  return f"no prepared {NAME} under {data_dir} (expected {data_dir}/{NAME}/<version>/dataset_info.json)"
+
+
+def _prepared_versions(data_dir):
+  """The prepared versions' directories of NAME under `data_dir`, oldest first."""
+  from etils import epath
+  return sorted((p for p in (epath.Path(data_dir) / NAME).glob("*") if (p / "dataset_info.json").exists()),
+                key=lambda p: tuple(int(x) for x in p.name.split(".") if x.isdigit()))
 
 
 def _label_names(info):
