@@ -25,9 +25,11 @@ Formats:
               needs the optional extra (pip install -c constraints.txt -e '.[tf]').
 """
 import argparse
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
 import sys
 
@@ -234,7 +236,8 @@ def export_savedmodel(forward, size, out_dir, platforms=None, reference=None) ->
                      input_polymorphic_shape="(b, ...)", jax2tf_kwargs=kwargs)
   signature = [tf.TensorSpec((None, h, w, 3), tf.uint8, name="images")]
   try:
-    ExportManager(module, [ServingConfig("serving_default", input_signature=signature)]).save(path)
+    with _logging_kept():
+      ExportManager(module, [ServingConfig("serving_default", input_signature=signature)]).save(path)
   except Exception as e:  # noqa: BLE001 -- jax2tf and TF name the operation or shape they refuse
     raise ExportError(f"orbax-export {importlib.metadata.version('orbax-export')} (TensorFlow "
                       f"{tf.__version__}) cannot save the model: {_first_line(e)}; use --format "
@@ -245,10 +248,24 @@ def export_savedmodel(forward, size, out_dir, platforms=None, reference=None) ->
           "verified_on": jax.default_backend(), **verify(reference or forward, savedmodel_runner(path), size)}
 
 
+@contextlib.contextmanager
+def _logging_kept():
+  """Undoes what saving a SavedModel does to the process's logging (TensorFlow 2.21 leaves the 'absl'
+  logger at WARNING and a stderr handler on the root logger): absl INFO logs would go silent after it."""
+  absl_logger, root = logging.getLogger("absl"), logging.getLogger()
+  level, handlers = absl_logger.level, list(root.handlers)
+  try:
+    yield
+  finally:
+    absl_logger.setLevel(level)
+    root.handlers[:] = handlers
+
+
 def savedmodel_runner(path):
   """images -> outputs of the SavedModel directory `path`'s 'serving_default' signature."""
   import tensorflow as tf
-  serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+  with _logging_kept():
+    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
 
   def run(images):
     return {k: v.numpy() for k, v in serve(images=tf.constant(np.asarray(images, np.uint8))).items()}

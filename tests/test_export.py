@@ -2,6 +2,7 @@
 round trip through the file, as do ONNX (through onnxruntime) and TF SavedModel (through TensorFlow)
 exports; what a format or converter cannot do fails with a message that says what to do."""
 import json
+import logging
 import shutil
 import sys
 import types
@@ -185,7 +186,10 @@ def test_savedmodel_fpn_with_postprocess(fpn_checkpoint, tmp_path):
   'serving_default' signature reproduces the JAX model and its panoptic post-processing at two batch
   sizes, and its card verifies, naming a changed file."""
   out = tmp_path / "out"
+  logging_before = logging.getLogger("absl").level, list(logging.getLogger().handlers)
   record = export.export(fpn_checkpoint, "savedmodel", out, size=SIZE, postprocess=True)
+  # TensorFlow's saving leaves absl's logger at WARNING: the export puts it back (INFO logs stay on).
+  assert (logging.getLogger("absl").level, list(logging.getLogger().handlers)) == logging_before
   assert record["passed"] and record["format"] == "savedmodel" and record["signature"] == "serving_default"
   assert all(d <= 1e-4 for d in record["max_abs_diff"].values()), record
   assert set(record["max_abs_diff"]) == {*export.OUTPUTS, *export.PANOPTIC_OUTPUTS}

@@ -56,7 +56,14 @@ def _pixel_coords(sampling_locations, spatial_shapes):
 
 
 def _sample_gather(value, spatial_shapes, sampling_locations, attention_weights):
-  """Four corners of every sample as indices into the flattened levels; one gather reads them all."""
+  """Four corners of every sample as indices into the flattened levels, read and summed one corner
+  sample at a time.
+
+  A single gather of all Q x levels x points x 4 rows materialises [B, Q, heads, 4LP, D] (264 MB a layer
+  at 512x512, batch 2), kept for the backward pass and transposed for the weighted sum; the scan over
+  the 4LP corner samples, rematerialised, keeps only the [B, Q, heads, D] sum and rereads rows in the
+  backward pass: ~2x faster with the backward pass on CPU and ~14x less temporary memory
+  (docs/benchmarks.md, "Deformable-attention sampling")."""
   b, s, nh, d = value.shape
   q, nl, npt = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
   pix = _pixel_coords(sampling_locations, spatial_shapes)  # [B, Q, nh, L, P, 2]
@@ -74,12 +81,17 @@ def _sample_gather(value, spatial_shapes, sampling_locations, attention_weights)
   index = starts + jnp.clip(y, 0, hs - 1) * ws + jnp.clip(x, 0, ws - 1)
   weight = jnp.where(inside, weight, 0.0) * attention_weights.astype(jnp.float32)[..., None]
   k = nl * npt * 4
-  index = index.transpose(0, 2, 1, 3, 4, 5).reshape(b, nh, q * k)
-  weight = weight.transpose(0, 2, 1, 3, 4, 5).reshape(b, nh, q, k)
-  table = value.transpose(0, 2, 1, 3)  # [B, nh, S, D]
-  rows = jax.vmap(jax.vmap(lambda t, i: t.at[i].get(mode="promise_in_bounds")))(table, index)
-  out = jnp.einsum("bhqk,bhqkd->bqhd", weight, rows.reshape(b, nh, q, k, d),
-                   preferred_element_type=jnp.float32)
+  batch, head = np.arange(b)[:, None, None], np.arange(nh)[None, None, :]
+
+  @jax.checkpoint
+  def add_sample(total, sample):  # one corner sample of every (image, query, head): [B, Q, nh] each
+    idx, wgt = sample
+    rows = value.at[batch, idx, head].get(mode="promise_in_bounds")  # [B, Q, nh, D]
+    return total + wgt[..., None] * rows.astype(jnp.float32), None
+
+  out, _ = jax.lax.scan(add_sample, jnp.zeros((b, q, nh, d), jnp.float32),
+                        (jnp.moveaxis(index.reshape(b, q, nh, k), 3, 0),
+                         jnp.moveaxis(weight.reshape(b, q, nh, k), 3, 0)))
   return out.reshape(b, q, nh * d)
 
 
@@ -113,12 +125,12 @@ def ms_deform_attn(value, spatial_shapes: Sequence[tuple[int, int]], sampling_lo
   as (x, y) in [0, 1] of each level (outside samples read zeros); attention_weights [B, Q, heads,
   levels, points]. Returns [B, Q, heads * D] in value's dtype, accumulated in float32.
 
-  method='gather' (the default) reads four corners per sample with one gather: memory and work grow
-  with Q * levels * points, as in the CUDA kernel. 'matmul' builds each level's dense [Q, H*W] weight
+  method='gather' (the default) reads four corners per sample by gathers: memory and work grow with
+  Q * levels * points, as in the CUDA kernel. 'matmul' builds each level's dense [Q, H*W] weight
   matrix and multiplies: no gather or scatter (which TPUs handle poorly), but quadratic in the map size
   (a 512x512 image: ~0.9 GB of weights per image), so only for small maps or gather-hostile hardware.
-  On a 2-core CPU at 512x512 the gather is ~15x faster forward and ~6x with the backward pass
-  (`python -m maskformer_jax.bench.msdeform`).
+  On a 2-core CPU the gathers are much faster, with or without the backward pass
+  (`python -m maskformer_jax.bench.msdeform`, docs/benchmarks.md).
   """
   spatial_shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
   _check_shapes(value, spatial_shapes, sampling_locations, attention_weights)
