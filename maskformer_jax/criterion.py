@@ -4,8 +4,9 @@ Per decoder layer: matching costs -> exact assignment (no gradient) -> cross-ent
 (no-object weight `eos_coef`) + sigmoid focal (MaskFormer) or binary cross-entropy (Mask2Former:
 `loss.mask_loss`) and dice on the matched (query, target) pairs. Deep
 supervision re-matches every auxiliary layer and weights it like the main one (the original's
-`aux_weight_dict`). Targets stay compact: `segments` [B, H, W] and the binary masks are built on device
-only where needed.
+`aux_weight_dict`). Targets stay compact: `segments` [B, H, W] (one target a pixel: panoptic, semantic) or
+[B, H, W, L] (instance targets, which overlap: a pixel in up to L of them; slot m's mask is the OR over
+the layers), and the binary masks are built on device only where needed.
 
 Normalisation is global, so the loss does not depend on how the batch is split over devices, hosts or
 micro-batches: focal/dice sums are divided by `num_masks`, the number of valid targets in the global
@@ -74,33 +75,44 @@ def dice(logits, targets):
   return 1 - (2 * jnp.sum(p * targets, -1) + 1) / (jnp.sum(p, -1) + jnp.sum(targets, -1) + 1)
 
 
-def target_masks(segments, num_slots, stride=1):
-  """float32 [B, M, H/stride, W/stride]: slot m's binary mask, nearest-downsampled by striding."""
-  seg = segments[:, ::stride, ::stride]
-  return (seg[:, None] == jnp.arange(num_slots)[None, :, None, None]).astype(jnp.float32)
+def layered(segments):
+  """segments as [B, H, W, L]: a map without a layer axis is one layer."""
+  return segments[..., None] if segments.ndim == 3 else segments
+
+
+def slot_mask(segments, slot):
+  """bool [B, H, W]: the pixels of target `slot` (any layer)."""
+  return jnp.any(layered(segments) == slot, axis=-1)
+
+
+def target_masks(segments, num_slots, stride=1, dtype=jnp.float32):
+  """[B, M, H/stride, W/stride]: slot m's binary mask, nearest-downsampled by striding."""
+  seg = layered(segments)[:, ::stride, ::stride]
+  return jnp.any(seg[:, None] == jnp.arange(num_slots)[None, :, None, None, None], axis=-1).astype(dtype)
 
 
 def sample_targets(segments, coords, num_slots, first_slot=0):
   """Bilinear samples (align_corners=False, zero padding) of the binary target masks at `coords`.
 
-  segments int32 [B, H, W]; coords [B, M, P, 2] in [0, 1] as (x, y) for the mask of slot
-  `first_slot + m`. Equals `points.point_sample(target_masks(segments, M), coords)` (for first_slot 0)
-  without building the dense masks.
+  segments int32 [B, H, W] or [B, H, W, L]; coords [B, M, P, 2] in [0, 1] as (x, y) for the mask of
+  slot `first_slot + m`. Equals `points.point_sample(target_masks(segments, M), coords)` (for
+  first_slot 0) without building the dense masks.
   """
-  b, h, w = segments.shape
+  segments = layered(segments)
+  b, h, w, num_layers = segments.shape
   px = coords[..., 0] * w - 0.5
   py = coords[..., 1] * h - 0.5
   x0, y0 = jnp.floor(px), jnp.floor(py)
-  flat = segments.reshape(b, 1, h * w)
-  slot = (first_slot + jnp.arange(num_slots))[None, :, None]
+  flat = segments.reshape(b, 1, h * w, num_layers)
+  slot = (first_slot + jnp.arange(num_slots))[None, :, None, None]
   out = 0.0
   for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
     xi, yi = x0 + dx, y0 + dy
     wgt = (1 - jnp.abs(px - xi)) * (1 - jnp.abs(py - yi))
     inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
     idx = (jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)).astype(jnp.int32)
-    seg = jnp.take_along_axis(flat, idx.reshape(b, 1, -1), axis=2).reshape(idx.shape)
-    out = out + jnp.where(inside & (seg == slot), wgt, 0.0)
+    seg = jnp.take_along_axis(flat, idx.reshape(b, 1, -1, 1), axis=2).reshape(*idx.shape, num_layers)
+    out = out + jnp.where(inside & jnp.any(seg == slot, axis=-1), wgt, 0.0)
   return out
 
 
@@ -138,12 +150,12 @@ def upsampled_mask_losses(src, segments, alpha, gamma, active=None, mask_loss="f
   Slots that no image uses (`active`) are skipped.
   """
   b = src.shape[0]
-  height, width = segments.shape[1:]
+  height, width = segments.shape[1:3]
   pointwise = MASK_LOSSES[mask_loss]
 
   def run(x, slot):  # [B, h, w], the slot index
     x = jax.image.resize(x, (b, height, width), "bilinear", antialias=False).reshape(b, -1)
-    t = (segments == slot).reshape(b, -1).astype(jnp.float32)
+    t = slot_mask(segments, slot).reshape(b, -1).astype(jnp.float32)
     return jnp.mean(pointwise(x, t, alpha, gamma), axis=-1), dice(x, t)
 
   return _per_active_slot(run, src, active)
@@ -173,7 +185,7 @@ def match(pred_logits, pred_masks, batch, loss_config, rng=None):
   lc = loss_config
   segments, num_slots = batch["segments"], batch["labels"].shape[1]
   if lc.matcher_num_points > 0:  # Mask2Former: costs on points sampled from the full-res masks
-    tgt = segments[:, None] == jnp.arange(num_slots)[None, :, None, None]  # bool: 1 byte a pixel
+    tgt = target_masks(segments, num_slots, dtype=bool)  # bool: 1 byte a pixel
   else:  # original: nearest-downsample the targets to the prediction size
     tgt = target_masks(segments, num_slots, segments.shape[1] // pred_masks.shape[2])
   cost = matcher_lib.matching_costs(
@@ -220,7 +232,7 @@ def layer_losses(pred_logits, pred_masks, batch, indices, loss_config, *, num_ma
 def set_criterion(outputs, batch, loss_config, *, num_masks, rng, ce_norm=None):
   """(total loss, terms) over the main layer and, with deep supervision, every auxiliary layer.
 
-  batch: segments int32 [B, H, W], labels int32 [B, M], valid bool [B, M]. `num_masks`: global count
+  batch: segments int32 [B, H, W] or [B, H, W, L], labels int32 [B, M], valid bool [B, M]. `num_masks`: global count
   of targets (>= 1); `ce_norm`: the CE's sum of weights over the global batch (default: this batch's,
   `class_weight_sum`); pass both for the full batch when `batch` is a micro-batch.
   Terms: loss_ce/loss_mask/loss_dice (main layer), loss_ce_i/... (aux layer i), their per-kind sums

@@ -12,20 +12,31 @@ from maskformer_jax.config import base_config
 K, Q, M, H, W, S = 4, 7, 5, 32, 48, 4  # classes, queries, slots, padded size, mask stride
 
 
-def make_targets(rng, counts):
-  """segments [B, H, W] with `counts[b]` rectangles (void/padding -1 elsewhere), labels, valid."""
+def make_targets(rng, counts, layers=0):
+  """segments [B, H, W] with `counts[b]` rectangles (void/padding -1 elsewhere), labels, valid.
+
+  layers > 0: segments [B, H, W, layers], overlapping rectangles (instance targets), each pixel of a
+  rectangle in the first layer free there (pixels under more rectangles than layers stay uncovered)."""
   b = len(counts)
-  segments = np.full((b, H, W), -1, np.int32)
+  segments = np.full((b, H, W, max(layers, 1)), -1, np.int32)
   labels = np.full((b, M), K, np.int32)
   valid = np.zeros((b, M), bool)
   for i, n in enumerate(counts):
     for m in range(n):
       y0, x0 = rng.integers(0, H - 6), rng.integers(0, W - 6)
-      segments[i, y0:y0 + rng.integers(3, H - y0), x0:x0 + rng.integers(3, W - x0)] = m
+      box = segments[i, y0:y0 + rng.integers(3, H - y0), x0:x0 + rng.integers(3, W - x0)]
+      if layers:
+        todo = np.ones(box.shape[:2], bool)
+        for lay in range(layers):
+          put = todo & (box[..., lay] < 0)
+          box[..., lay][put] = m
+          todo &= ~put
+      else:
+        box[..., 0] = m
       labels[i, m] = rng.integers(0, K)
       valid[i, m] = True
     # A slot whose rectangle got fully painted over keeps a valid empty mask: allowed, as in HF.
-  return {"segments": segments, "labels": labels, "valid": valid}
+  return {"segments": segments if layers else segments[..., 0], "labels": labels, "valid": valid}
 
 
 def make_layers(rng, b, n_layers):
@@ -38,7 +49,8 @@ def hf_targets(batch):
   masks, classes = [], []
   for seg, lab, val in zip(batch["segments"], batch["labels"], batch["valid"]):
     slots = np.flatnonzero(val)
-    masks.append(torch.tensor((seg[None] == slots[:, None, None]).astype(np.float32)))
+    seg = seg if seg.ndim == 3 else seg[..., None]  # [H, W, layers]; a slot's mask is any layer's
+    masks.append(torch.tensor((seg[None] == slots[:, None, None, None]).any(-1).astype(np.float32)))
     classes.append(torch.tensor(lab[slots], dtype=torch.long))
   return masks, classes
 
@@ -89,12 +101,15 @@ def test_layer_losses_match_hf_with_hf_matching(counts):
                                err_msg=ours_name)
 
 
-@pytest.mark.parametrize("matcher", ["jax", "scipy"])
-def test_set_criterion_with_aux_layers_matches_hf(matcher):
+@pytest.mark.parametrize("matcher,layers", [("jax", 0), ("scipy", 0), ("jax", 3)])
+def test_set_criterion_with_aux_layers_matches_hf(matcher, layers):
   """End to end with our matching: every layer re-matched, each aux layer == HF on that layer alone,
-  and the total is the weighted sum with aux layers weighted like the main one (the original)."""
+  and the total is the weighted sum with aux layers weighted like the main one (the original).
+  layers 3: overlapping targets (instance segmentation), HF given each target's whole mask."""
   rng = np.random.default_rng(2)
-  batch = make_targets(rng, (4, 2, 1))
+  batch = make_targets(rng, (4, 2, 1), layers)
+  if layers:  # the targets do overlap, up to 3 deep
+    assert ((batch["segments"] >= 0).sum(-1) >= 2).any()
   layers = make_layers(rng, 3, 3)
   lc = base_config().loss
   lc.matcher = matcher
@@ -155,11 +170,14 @@ def test_empty_targets_give_a_finite_loss_and_gradient(point_sampling):
   np.testing.assert_allclose(float(terms["loss_ce"]), -float(jnp.mean(logp)), rtol=1e-5)
 
 
-def test_sample_targets_equals_point_sample_of_dense_masks():
+@pytest.mark.parametrize("layers", [0, 2])
+def test_sample_targets_equals_point_sample_of_dense_masks(layers):
   rng = np.random.default_rng(5)
-  batch = make_targets(rng, (3, 5))
+  batch = make_targets(rng, (3, 5), layers)
   coords = jnp.asarray(rng.uniform(-0.05, 1.05, size=(2, M, 50, 2)).astype(np.float32))
-  dense = criterion.target_masks(jnp.asarray(batch["segments"]), M)
+  seg = batch["segments"] if layers else batch["segments"][..., None]
+  dense = (seg[:, None] == np.arange(M)[None, :, None, None, None]).any(-1).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(criterion.target_masks(jnp.asarray(batch["segments"]), M)), dense)
   np.testing.assert_allclose(np.asarray(criterion.sample_targets(batch["segments"], coords, M)),
                              np.asarray(points.point_sample(dense, coords)), atol=1e-6)
 

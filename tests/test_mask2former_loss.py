@@ -12,6 +12,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 from transformers import Mask2FormerConfig
 from transformers.models.mask2former import modeling_mask2former as hf_m2f
@@ -41,12 +42,15 @@ def hf_loss(lc):
   return hf_m2f.Mask2FormerLoss(config, weights)
 
 
-def test_loss_and_matching_match_hf_on_fixed_points(monkeypatch):
+@pytest.mark.parametrize("layers", [0, 3])
+def test_loss_and_matching_match_hf_on_fixed_points(monkeypatch, layers):
   """Three images (4, 2 and 0 targets, void around them), a main and two auxiliary layers, each
   re-matched: every term of every layer within 1e-4 of HF's, the matchings equal, the weighted total
-  equal to HF's weight_dict applied to its terms."""
+  equal to HF's weight_dict applied to its terms. layers 3: the targets overlap (the COCO instance
+  recipe's), in up to 3 layers of `segments`; HF gets each target's whole mask."""
   rng = np.random.default_rng(0)
-  batch = make_targets(rng, (4, 2, 0))
+  batch = make_targets(rng, (4, 2, 0), layers)
+  assert not layers or ((batch["segments"] >= 0).sum(-1) >= 2).any()  # they do overlap
   layers = make_layers(rng, 3, 3)
   lc = m2f_loss_config()
   b = len(batch["valid"])
