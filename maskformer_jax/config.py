@@ -150,7 +150,7 @@ def base_config() -> ml_collections.ConfigDict:
                       r"|relative_position_bias_table|absolute_pos_embed")
 
   c.data = d = ml_collections.ConfigDict()
-  d.dataset = "coco_panoptic"  # "coco_panoptic", "ade20k", "tfds_coco_panoptic"
+  d.dataset = "coco_panoptic"  # "coco_panoptic", "coco_instance", "ade20k", "tfds_coco_panoptic"
   d.root = ""  # dataset root in the standard layout (local path or gs://); "" = synthetic for demo
   d.train_split = "train2017"
   d.val_split = "val2017"
@@ -169,6 +169,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.eval_min_size = 800
   d.eval_max_size = 1333
   d.max_instances = 100  # M: segment slots per image
+  d.instance_layers = 4  # coco_instance: instances one pixel may belong to (targets [H, W, L])
   d.num_workers = 8  # grain worker processes per host
   d.worker_buffer_size = 2
   d.bad_input = "skip"  # "skip" (count and log) or "raise"
@@ -287,6 +288,8 @@ def runlocal(c) -> ml_collections.ConfigDict:
   m.pixel_dim_feedforward, m.dtype = 64, "float32"
   if c.data.dataset == "coco_panoptic":
     m.num_classes = 5  # the synthetic dataset's 3 things + 2 stuff
+  elif c.data.dataset == "coco_instance":
+    m.num_classes = 3  # the synthetic dataset's instances: its 3 thing classes
   c.optim.warmup_steps = 0
   c.optim.decay_steps = (15,)
   d = c.data
@@ -433,6 +436,9 @@ def _evals_errors(config):
     elif config.data.dataset == "ade20k" and ev.type in ("panoptic", "instance"):
       errors.append(f"config.evals.{name}.type={ev.type!r} needs panoptic ground truth; the ade20k source "
                     "has semantic labels only: use type='semantic'.")
+    elif config.data.dataset == "coco_instance" and ev.type != "instance":
+      errors.append(f"config.evals.{name}.type={ev.type!r} needs panoptic ground truth; the coco_instance "
+                    "source has instance annotations only: use type='instance'.")
     if int(ev.every) < 0:
       errors.append(f"config.evals.{name}.every={ev.every} must be >= 0 (0: not while training).")
   name, _, metric = config.train.best_metric.partition("/")

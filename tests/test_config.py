@@ -25,11 +25,12 @@ def test_configs_load_and_keep_original_loss(path):
   assert c.batch_size % max(c.grad_accum_steps, 1) == 0
 
 
-@pytest.mark.parametrize("task", ["coco_panoptic", "ade20k"])
+@pytest.mark.parametrize("task", ["coco_panoptic", "coco_instance", "ade20k"])
 @pytest.mark.parametrize("backbone", ["r50", "r101", "swin_t", "swin_s", "swin_b", "swin_l"])
 def test_every_mask2former_variant_loads_validates_and_keeps_its_recipe(task, backbone):
   """Mask2Former's configs (docs/reference.md section 12): one optimiser for every backbone, 9 layers,
-  12544 points; COCO 50 epochs of LSJ at 1024 (Swin-L: 100 epochs, 200 queries); ADE20K 160k poly."""
+  12544 points; COCO (panoptic and instance) 50 epochs of LSJ at 1024 (Swin-L: 100 epochs, 200 queries);
+  ADE20K 160k poly."""
   from maskformer_jax.config import validate
   root = pathlib.Path(__file__).parent.parent / "configs"
   c = load(f"{root}/mask2former.py:task={task},backbone={backbone}")
@@ -40,12 +41,16 @@ def test_every_mask2former_variant_loads_validates_and_keeps_its_recipe(task, ba
   assert (m.backbone == "swin") == backbone.startswith("swin") and m.dtype == "bfloat16"
   assert (o.base_lr, o.weight_decay, o.backbone_multiplier, o.clip_norm, c.batch_size) == (1e-4, 0.05, 0.1, 0.01, 16)
   assert (l.num_points, l.matcher_num_points, l.oversample_ratio, l.importance_sample_ratio) == (12544, 12544, 3.0, 0.75)
-  if task == "coco_panoptic":
+  if task.startswith("coco"):
     long = backbone == "swin_l"
     assert (c.total_steps, tuple(o.decay_steps), m.num_queries) == (
         (737_500, (655_556, 710_184), 200) if long else (368_750, (327_778, 355_092), 100))
-    assert (c.data.recipe, tuple(c.data.image_size), o.warmup_steps, m.num_classes) == ("lsj", (1024, 1024), 10, 133)
-    assert {ev.type for ev in c.evals.values()} == {"panoptic", "instance"}
+    assert (c.data.recipe, tuple(c.data.image_size), o.warmup_steps) == ("lsj", (1024, 1024), 10)
+    if task == "coco_panoptic":
+      assert m.num_classes == 133 and {ev.type for ev in c.evals.values()} == {"panoptic", "instance"}
+    else:
+      assert (m.num_classes, c.data.dataset, c.train.best_metric) == (80, "coco_instance", "val/ap")
+      assert {ev.type for ev in c.evals.values()} == {"instance"}
   else:
     big = backbone in ("swin_b", "swin_l")
     assert (c.total_steps, o.schedule, o.warmup_steps, m.num_classes, c.evals.val.type) == (
@@ -54,8 +59,8 @@ def test_every_mask2former_variant_loads_validates_and_keeps_its_recipe(task, ba
   small = load(f"{root}/mask2former.py:task={task},backbone={backbone},runlocal")
   assert small.model.arch == "mask2former" and small.model.backbone == m.backbone and small.batch_size == 4
   assert small.model.dtype == "float32"
-  with pytest.raises(ValueError, match="task='coco_instance'"):
-    load(f"{root}/mask2former.py:task=coco_instance")
+  with pytest.raises(ValueError, match="task='lvis'"):
+    load(f"{root}/mask2former.py:task=lvis")
 
 
 def test_unknown_key_is_an_error():

@@ -9,7 +9,7 @@ without an annotation row, malformed annotation rows (a field missing or not an 
 exception while reading an example (decode_error), a split that cannot be opened at all (bad_dataset).
 Warnings: JSON segments absent from the PNG, areas that disagree with the PNG, images without any
 segment, images with more segments than data.max_instances, a model.num_classes that does not match the
-categories. Exit status 1 if there is any error; no single example stops the check.
+categories; for COCO instances, annotations without a valid polygon (left out). Exit status 1 if there is any error; no single example stops the check.
 """
 import collections
 import concurrent.futures
@@ -88,11 +88,15 @@ def check_split(config, split, *, threads=8, show=5, out=sys.stdout):
     counts["num_classes_mismatch"] += 1
     examples["num_classes_mismatch"].append(
         f"model.num_classes = {config.model.num_classes}, the dataset has {len(src.categories)}")
+  for kind, path, msg in getattr(src, "annotation_problems", ()):  # rows that belong to no example
+    counts[kind] += 1
+    if len(examples[kind]) < show:
+      examples[kind].append(f"{path}: {msg}")
+  if getattr(src, "invalid_polygons", 0):  # COCO instances: left out, as detectron2 does
+    counts["invalid_polygons"] += src.invalid_polygons
+    examples["invalid_polygons"].append(f"{src.ann_path}: {src.invalid_polygons} annotations have no "
+                                        "polygon of >= 3 points and are left out")
   if isinstance(src, CocoPanopticSource):
-    for kind, path, msg in src.annotation_problems:  # rows that belong to no example
-      counts[kind] += 1
-      if len(examples[kind]) < show:
-        examples[kind].append(f"{path}: {msg}")
     seen = collections.Counter(src.image_ids.tolist())
     for image_id, k in seen.items():
       if k > 1:

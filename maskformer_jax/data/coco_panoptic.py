@@ -286,7 +286,7 @@ def _segments(row, what):
   return out
 
 
-def load_annotations(path):
+def load_annotations(path, kind="COCO panoptic"):
   """The annotation JSON; one that is unusable as a whole is a ValueError naming the file."""
   try:
     d = json.loads(path.read_text())
@@ -295,8 +295,8 @@ def load_annotations(path):
   bad = [k for k in ("images", "annotations", "categories")
          if not isinstance(d, dict) or not isinstance(d.get(k), list)]
   if bad:
-    raise ValueError(f"{path}: the annotation JSON has no list {', '.join(map(repr, bad))} (COCO "
-                     "panoptic format: an object with lists 'images', 'annotations', 'categories')")
+    raise ValueError(f"{path}: the annotation JSON has no list {', '.join(map(repr, bad))} ({kind} "
+                     "format: an object with lists 'images', 'annotations', 'categories')")
   return d
 
 

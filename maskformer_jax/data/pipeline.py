@@ -34,6 +34,7 @@ READ_THREADS = 4  # per process; decoding releases the GIL, and remote (gs://) r
 # pulls in TensorFlow Datasets). Each function takes (config.data, split, *, bad_input, require_segments).
 DATASETS = {
     "coco_panoptic": "maskformer_jax.data.coco_panoptic:from_config",
+    "coco_instance": "maskformer_jax.data.coco_instance:from_config",
     "ade20k": "maskformer_jax.data.ade20k:from_config",
     "tfds_coco_panoptic": "maskformer_jax.data.tfds:from_config",
 }
@@ -201,16 +202,18 @@ class EvalMap(grain.transforms.Map):
   With `warn_shrunk` (bucketed evaluation, where every image should fit its canvas) an image shrunk
   to fit is logged with a running count: its recorded size differed from the decoded file."""
 
-  def __init__(self, min_size, max_size, max_instances, num_classes, warn_shrunk=False):
+  def __init__(self, min_size, max_size, max_instances, num_classes, warn_shrunk=False, layers=0):
     self.kw = dict(min_size=min_size, max_size=max_size, max_instances=max_instances,
                    num_classes=num_classes)
+    self.layers = layers  # the source's segment layers (padding examples must match its shapes)
     self.overflow = _Overflow(max_instances)
     self.warn_shrunk, self.shrunk = warn_shrunk, 0
 
   def map(self, element):
     canvas = element["canvas"]
     if "skip" in element:
-      return transforms.padding_example(canvas, self.kw["max_instances"], self.kw["num_classes"])
+      return transforms.padding_example(canvas, self.kw["max_instances"], self.kw["num_classes"],
+                                        self.layers)
     out, overflow = transforms.eval_example(element, canvas=canvas, **self.kw)
     want = transforms.shortest_edge_size(*element["image"].shape[:2], self.kw["min_size"],
                                          self.kw["max_size"])
@@ -269,11 +272,12 @@ def make_loader(config, split, *, train, seed, shard_index=None, shard_count=Non
     if plan is None:
       n = len(source) if max_examples < 0 else min(len(source), max_examples)
       plan = [(tuple(d.eval_size), np.arange(n))]
+    layers = getattr(source, "segment_layers", 0)
     source = _Planned(source, plan, bs, shard_count)
     shard = grain.sharding.ShardOptions(shard_index, shard_count)
     sampler = grain.samplers.IndexSampler(len(source), shard_options=shard, shuffle=False, num_epochs=1,
                                           seed=int(seed))
-    ops = [EvalMap(d.eval_min_size, d.eval_max_size, m, k, warn_shrunk=warn_shrunk)]
+    ops = [EvalMap(d.eval_min_size, d.eval_max_size, m, k, warn_shrunk=warn_shrunk, layers=layers)]
   if workers:
     if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; not every caller is
       flags.FLAGS.mark_as_parsed()   # an absl app (tests, notebooks): use the flags' defaults

@@ -1,4 +1,4 @@
-"""A small synthetic panoptic dataset in exactly the COCO 2017 panoptic layout.
+"""A small synthetic dataset in exactly the COCO 2017 layout: panoptic, and instances beside it.
 
 Written so the demo and the tests go through the same COCO loader as real data, and small enough to
 train a MaskFormer on a CPU in minutes while not being trivial: three thing classes (circle, square,
@@ -6,6 +6,10 @@ triangle; each with its own colour plus per-instance and per-pixel noise), two t
 (sky band on top, ground below, a wavy horizon), several instances per image (often several of one
 class), occlusions (later shapes cover earlier ones) and, rarely, a crowd segment. Segment ids are
 random 24-bit values so that decoding R + 256*G + 256^2*B is exercised past 255.
+
+annotations/instances_{split}.json holds the same images' things as COCO instance annotations: each
+shape's whole outline as a polygon (so occluded instances overlap the ones in front, as COCO's masks
+do), a crowd one as an uncompressed RLE of its visible pixels, area and bbox from pycocotools.
 
   python -m maskformer_jax.data.synthetic --out /tmp/synth --num-train 1000 --num-val 100 --size 128 128
 
@@ -33,7 +37,7 @@ CATEGORIES = (
     {"id": 20, "name": "ground", "isthing": 0, "color": (110, 85, 50)},
 )
 MARKER = "SYNTHETIC_COMPLETE.json"
-_VERSION = 2  # bump when the drawing changes so cached datasets are regenerated
+_VERSION = 3  # bump when the drawing changes so cached datasets are regenerated
 
 
 def _rgb_from_id(ids):
@@ -56,8 +60,22 @@ def _draw_shape(kind, h, w, cy, cx, r, angle):
   return canvas.astype(bool)
 
 
+def _outline(kind, cy, cx, r, angle):
+  """The shape `_draw_shape` paints, as one COCO polygon [x0, y0, x1, y1, ...] (pixel-edge coordinates)."""
+  if kind == "circle":
+    t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+    pts = np.stack([cx + 0.5 + (r + 0.5) * np.cos(t), cy + 0.5 + (r + 0.5) * np.sin(t)], -1)
+  elif kind == "square":
+    x0, y0, x1, y1 = int(cx - r), int(cy - r), int(cx + r) + 1, int(cy + r) + 1
+    pts = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float64)
+  else:
+    a = angle + np.array([0, 2 * np.pi / 3, 4 * np.pi / 3])
+    pts = np.stack([cx + 0.5 + 1.2 * r * np.cos(a), cy + 0.5 + 1.2 * r * np.sin(a)], -1)
+  return [round(float(v), 2) for v in pts.reshape(-1)]
+
+
 def render(rng, h, w):
-  """One example: (image uint8 [h,w,3], id map int32 [h,w], segments_info list)."""
+  """One example: (image uint8 [h,w,3], id map int32 [h,w], segments_info list, outlines {id: polygon})."""
   cats = {c["name"]: c for c in CATEGORIES}
   ids = rng.permutation(1 << 12)[:16] * 4096 + rng.integers(1, 4096, 16)  # distinct, 24-bit
   idmap = np.zeros((h, w), np.int64)
@@ -88,10 +106,13 @@ def render(rng, h, w):
   if rng.random() < 0.5:
     kinds[1:] = kinds[0]
   scale = min(h, w)
+  outlines = {}
   for i, kind in enumerate(kinds):
     r = rng.uniform(0.06, 0.16) * scale
     cy, cx = rng.uniform(r, h - r), rng.uniform(r, w - r)
-    m = _draw_shape(kind, h, w, cy, cx, r, rng.uniform(0, 2 * np.pi))
+    angle = rng.uniform(0, 2 * np.pi)
+    m = _draw_shape(kind, h, w, cy, cx, r, angle)
+    outlines[int(ids[2 + i])] = _outline(kind, cy, cx, r, angle)
     col = np.array(cats[kind]["color"], np.float32) + rng.normal(0, 15, 3)
     image[m] = col * (0.9 + 0.2 * rng.random())
     idmap[m] = ids[2 + i]
@@ -111,7 +132,31 @@ def render(rng, h, w):
     bbox = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
     info.append({"id": int(sid), "category_id": cat["id"], "iscrowd": crowd, "area": int(area),
                  "bbox": bbox})
-  return image, idmap.astype(np.int32), info
+  return image, idmap.astype(np.int32), info, outlines
+
+
+def instance_annotations(image_id, idmap, info, outlines, first_id):
+  """COCO instance annotations of one synthetic image's things (ids from `first_id`): the outline of
+  each thing still visible, a crowd thing as the uncompressed RLE of its visible pixels."""
+  from pycocotools import mask as mask_util
+  h, w = idmap.shape
+  out = []
+  for s in info:
+    if s["id"] not in outlines:  # stuff
+      continue
+    if s["iscrowd"]:
+      flat = (idmap == s["id"]).ravel(order="F")  # COCO runs are column-major, starting with 0s
+      ends = np.append(np.flatnonzero(flat[1:] != flat[:-1]) + 1, flat.size)
+      counts = ([0] if flat[0] else []) + np.diff(np.concatenate([[0], ends])).tolist()
+      seg = {"size": [h, w], "counts": counts}
+      rle = mask_util.frPyObjects(seg, h, w)
+    else:
+      seg = [outlines[s["id"]]]
+      rle = mask_util.merge(mask_util.frPyObjects(seg, h, w))
+    out.append({"id": first_id + len(out), "image_id": image_id, "category_id": s["category_id"],
+                "iscrowd": s["iscrowd"], "segmentation": seg, "area": float(mask_util.area(rle)),
+                "bbox": [float(v) for v in mask_util.toBbox(rle)]})
+  return out
 
 
 def _params(num_train, num_val, image_size, seed):
@@ -152,9 +197,9 @@ def _generate(out_dir, num_train, num_val, image_size, seed):
     os.makedirs(os.path.join(out_dir, split))
     os.makedirs(os.path.join(out_dir, f"panoptic_{split}"))
     os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
-    images, annotations = [], []
+    images, annotations, instances = [], [], []
     for _ in range(n):
-      image, idmap, info = render(rng, h, w)
+      image, idmap, info, outlines = render(rng, h, w)
       image_id = next_image_id
       next_image_id += 1
       stem = f"{image_id:012d}"
@@ -165,19 +210,23 @@ def _generate(out_dir, num_train, num_val, image_size, seed):
         f.write(buf.getvalue())
       images.append({"id": image_id, "file_name": stem + ".jpg", "height": h, "width": w})
       annotations.append({"image_id": image_id, "file_name": stem + ".png", "segments_info": info})
+      instances += instance_annotations(image_id, idmap, info, outlines, len(instances) + 1)
     with open(os.path.join(out_dir, "annotations", f"panoptic_{split}.json"), "w") as f:
       json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+    things = [{k: v for k, v in c.items() if k != "isthing"} for c in categories if c["isthing"]]
+    with open(os.path.join(out_dir, "annotations", f"instances_{split}.json"), "w") as f:
+      json.dump({"images": images, "annotations": instances, "categories": things}, f)
   with open(marker, "w") as f:  # last: its presence means the dataset is complete
     json.dump(params, f)
   return out_dir
 
 
 def resolve_data_root(config):
-  """With config.data.root == "" and the COCO panoptic dataset: the synthetic dataset of
+  """With config.data.root == "" and a COCO dataset (panoptic or instances): the synthetic dataset of
   config.data.synthetic, generated once (by process 0) under $MASKFORMER_DATA or
   ~/.cache/maskformer_jax and then reused. Returns the config, its data.root set."""
   d = config.data
-  if d.root or d.dataset != "coco_panoptic":
+  if d.root or d.dataset not in ("coco_panoptic", "coco_instance"):
     return config
   s = d.synthetic
   size = tuple(int(x) for x in (s.image_size or d.image_size))
@@ -204,7 +253,7 @@ def main(argv=None):
   a = p.parse_args(argv)
   out = generate(a.out, num_train=a.num_train, num_val=a.num_val, image_size=tuple(a.size),
                  seed=a.seed)
-  print(f"synthetic COCO-panoptic dataset at {out}")
+  print(f"synthetic COCO dataset (panoptic and instances) at {out}")
 
 
 if __name__ == "__main__":

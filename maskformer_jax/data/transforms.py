@@ -3,7 +3,9 @@
 Every recipe draws its geometry first (flip, one crop box in the original image, one output size) and
 then touches pixels once: crop the original, one `cv2.resize` (bilinear for the image, nearest for the
 segment map), flip, compact the segments present into slots (on the content only), paste into a zero
-canvas of the static size (segments -1 there: the padding mask is also given by `image_size`). A resize followed by a crop followed by a
+canvas of the static size (segments -1 there: the padding mask is also given by `image_size`). A
+segment map may carry a trailing layer axis [h, w, L] (instance targets, which overlap): every layer
+goes through the same geometry. A resize followed by a crop followed by a
 resize (the DETR recipe) is thus one resize of a crop of the original, same geometry, a third the work.
 
 Sizes follow detectron2's MaskFormer/Mask2Former mappers (docs/reference.md section 3) for the original
@@ -43,7 +45,8 @@ def crop_resize(image, segments, box, out_hw, flip):
   oh, ow = out_hw
   if (oh, ow) != img.shape[:2]:
     img = cv2.resize(img, (ow, oh), interpolation=cv2.INTER_LINEAR)
-    seg = cv2.resize(seg, (ow, oh), interpolation=cv2.INTER_NEAREST_EXACT)
+    # Each layer of an [h, w, L] map alike (OpenCV drops a single channel axis: put it back).
+    seg = cv2.resize(seg, (ow, oh), interpolation=cv2.INTER_NEAREST_EXACT).reshape(oh, ow, *seg.shape[2:])
   if flip:
     img, seg = img[:, ::-1], seg[:, ::-1]
   return img, seg
@@ -52,7 +55,7 @@ def crop_resize(image, segments, box, out_hw, flip):
 def pad(img, seg, canvas):
   """Paste top-left into a zero image / -1 segment canvas of the static size."""
   out_img = np.zeros((*canvas, 3), np.uint8)
-  out_seg = np.full(canvas, -1, np.int32)
+  out_seg = np.full((*canvas, *seg.shape[2:]), -1, np.int32)
   out_img[:img.shape[0], :img.shape[1]] = img
   out_seg[:seg.shape[0], :seg.shape[1]] = seg
   return out_img, out_seg
@@ -158,7 +161,8 @@ def finalize(segments, seg_labels, max_instances, num_classes):
   """Compact the segments present after the transform into M slots.
 
   Segments absent from the crop are dropped; if more than M remain, the M largest (by pixel count in
-  the crop) are kept and the rest become -1. Returns (segments int32 [H, W] in -1..M-1, labels int32 [M]
+  the crop, over all layers of an [H, W, L] map) are kept and the rest become -1. Returns (segments int32
+  [H, W] (or [H, W, L]) in -1..M-1, labels int32 [M]
   (num_classes for unused slots), valid bool [M], overflow count).
   """
   n = len(seg_labels)
@@ -211,10 +215,12 @@ def eval_example(ex, *, canvas, min_size, max_size, max_instances, num_classes):
   return _example(img, seg, ex, canvas, max_instances, num_classes)
 
 
-def padding_example(canvas, max_instances, num_classes):
-  """A batch-filler: image_id -1, no valid target, all pixels ignored; sizes = the canvas (never 0)."""
+def padding_example(canvas, max_instances, num_classes, layers=0):
+  """A batch-filler: image_id -1, no valid target, all pixels ignored; sizes = the canvas (never 0).
+  `layers` > 0: segments [H, W, layers], as the instance source's examples."""
   canvas = tuple(int(c) for c in canvas)
-  return {"image": np.zeros((*canvas, 3), np.uint8), "segments": np.full(canvas, -1, np.int32),
+  seg_shape = (*canvas, layers) if layers else canvas
+  return {"image": np.zeros((*canvas, 3), np.uint8), "segments": np.full(seg_shape, -1, np.int32),
           "labels": np.full(max_instances, num_classes, np.int32),
           "valid": np.zeros(max_instances, bool), "image_size": np.array(canvas, np.int32),
           "orig_size": np.array(canvas, np.int32), "image_id": np.int32(-1)}

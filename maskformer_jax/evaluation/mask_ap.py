@@ -119,6 +119,13 @@ class MaskAPAccumulator:
     self.annotations += instances_from_panoptic(image_id, id_map, segments_info, self.thing_ids)
     self.results += detections(image_id, masks, scores, category_ids)
 
+  def add_instances(self, image_id, size, annotations, masks, scores, category_ids):
+    """One image: its COCO instance annotations (dataset category ids; crowd ones included) and its
+    instance predictions."""
+    self.images.append({"id": int(image_id), "height": int(size[0]), "width": int(size[1])})
+    self.annotations += [a for a in annotations if int(a["category_id"]) in self.thing_ids]
+    self.results += detections(image_id, masks, scores, category_ids)
+
   def gathered(self) -> "MaskAPAccumulator":
     """Every process's images, in image-id order (so the result is the single-process one)."""
     parts = allgather_objects((self.images, self.annotations, self.results))
