@@ -1,4 +1,4 @@
-"""Command line: panoptic predictions for image files (the library is maskformer_jax/prediction.py).
+"""Command line: panoptic or instance predictions for image files (the library: maskformer_jax/prediction.py).
 
   python -m maskformer_jax.predict --checkpoint runs/demo --images 'photos/*.jpg' --out predictions/
 
@@ -6,7 +6,9 @@
 inside it, or a converted checkpoint directory (python -m maskformer_jax.convert). The checkpoint alone
 suffices: the config comes from its config.json (or --config), the categories from its model card (or
 --categories; without either, from the configured dataset). Writes OUT/panoptic/*.png,
-OUT/overlays/*.png and OUT/predictions.json (COCO panoptic results format).
+OUT/overlays/*.png and OUT/predictions.json (COCO panoptic results format); with --task=instance (the
+default for a model trained on COCO instances) OUT/instances.json (COCO instance results) instead of
+OUT/panoptic.
 """
 import glob
 
@@ -34,6 +36,8 @@ _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _CATEGORIES = flags.DEFINE_string("categories", "", "JSON file with the categories (a COCO panoptic "
                                   "annotation file or a list of {id, name, isthing}); default: the "
                                   "checkpoint's model card, else config.data's.")
+_TASK = flags.DEFINE_enum("task", "", ["", *prediction.TASKS], "What to predict; default: instance for a "
+                          "model trained on COCO instances (data.dataset coco_instance), else panoptic.")
 
 
 def main(argv):
@@ -53,9 +57,11 @@ def main(argv):
   model = build_model(config.model)
   state, step = checkpoint.load_state(config, model, mesh, ckpt, _STEP.value)
   logging.info("Predicting with %s (step %s)", _CHECKPOINT.value, step)
-  result = prediction.predict(config, state, model, mesh, image_paths, out_dir, categories)
+  result = prediction.predict(config, state, model, mesh, image_paths, out_dir, categories,
+                              task=_TASK.value or None)
   skipped = f" ({len(result['skipped'])} skipped as bad input)" if result["skipped"] else ""
-  print(f"{len(result['annotations'])} images{skipped} -> {out_dir}/panoptic, {out_dir}/overlays, "
+  main_output = "instances.json" if result["task"] == "instance" else "panoptic"
+  print(f"{len(result['annotations'])} images{skipped} -> {out_dir}/{main_output}, {out_dir}/overlays, "
         f"{out_dir}/predictions.json")
 
 

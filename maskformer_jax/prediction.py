@@ -1,4 +1,4 @@
-"""Panoptic predictions for image files, in the COCO panoptic format, with an overlay per image.
+"""Panoptic (or instance) predictions for image files, in the COCO formats, with an overlay per image.
 
 What `python -m maskformer_jax.predict` runs. Writes, per image, OUT/panoptic/<stem>.png (segment id =
 R + 256 G + 256^2 B) and OUT/overlays/<stem>.png (the image with coloured segments and outlines), and
@@ -7,6 +7,11 @@ OUT/predictions.json holding every image's `segments_info` with the dataset's or
 (config.data.eval_min_size / eval_max_size) onto the evaluation's canvas (pipeline.eval_canvas: the
 image's own test size rounded up to data.eval_size_divisibility, or data.eval_size), batched by canvas,
 and the result is returned at the original resolution.
+
+Task "instance" (the default for a model trained on COCO instances, data.dataset "coco_instance"):
+OUT/instances.json holds the COCO results list (image_id, category_id with the dataset's ids, RLE
+segmentation, score; what COCOeval and `tools.instance_eval --pred` read), the overlays show detections
+scoring >= 0.5, and predictions.json lists per image its file and detection count.
 """
 import itertools
 import json
@@ -27,6 +32,8 @@ from maskformer_jax.data import transforms
 from maskformer_jax.data.coco_panoptic import (BadInputPolicy, as_bad_input, decode_rgb, header_size,
                                                read_bytes)
 from maskformer_jax.evaluation import id2rgb
+from maskformer_jax.evaluation import instance
+from maskformer_jax.evaluation import mask_ap
 
 
 def load_categories(config, path="", checkpoint_dir=None) -> tuple[list[dict], str]:
@@ -66,16 +73,29 @@ def prepare(path, config, max_instances, num_classes):
   return out, image
 
 
-def predict(config, state, model, mesh, image_paths, out_dir, categories):
+TASKS = ("panoptic", "instance")
+
+
+def default_task(config) -> str:
+  """What a model predicts by default: instances when it was trained on instance annotations."""
+  return "instance" if config.data.dataset == "coco_instance" else "panoptic"
+
+
+def predict(config, state, model, mesh, image_paths, out_dir, categories, task=None):
   """Runs the model on `paths` in batches of config.eval.batch_size; returns the predictions JSON.
 
   A bad image file follows config.data.bad_input: 'raise' raises BadInputError naming the file and the
   problem; 'skip' logs it, predicts the others and lists it in result['skipped'] ({file, error}).
   """
+  task = task or default_task(config)
+  if task not in TASKS:
+    raise ValueError(f"task={task!r} is not one of {TASKS}")
   policy = BadInputPolicy(config.data.bad_input)
   eval_step = train_step_lib.make_eval_step(config, model, mesh)
-  os.makedirs(os.path.join(out_dir, "panoptic"), exist_ok=True)
+  if task == "panoptic":
+    os.makedirs(os.path.join(out_dir, "panoptic"), exist_ok=True)
   os.makedirs(os.path.join(out_dir, "overlays"), exist_ok=True)
+  detections = []
   k, m, bs = config.model.num_classes, config.data.max_instances, config.eval.batch_size
   annotations, skipped = {}, []
   order = list(range(len(image_paths)))
@@ -105,15 +125,25 @@ def predict(config, state, model, mesh, image_paths, out_dir, categories):
     batch["image_id"] = np.where(np.arange(bs) < len(chunk), 0, -1).astype(np.int32)
     outputs = jax.device_get(eval_step(state, train_step_lib.shard_batch(batch, mesh)))
     results = inference.postprocess_to_original(
-        outputs, batch, categories=categories, task="panoptic", padded_size=batch["image"].shape[1:3],
+        outputs, batch, categories=categories, task=task, padded_size=batch["image"].shape[1:3],
         object_mask_threshold=config.eval.object_mask_threshold,
         overlap_threshold=config.eval.overlap_threshold)
-    for position, path, image, (id_map, segments_info) in zip(positions, chunk, images, results):
+    for position, path, image, result in zip(positions, chunk, images, results):
       stem = os.path.splitext(os.path.basename(path))[0]
+      image_id = int(stem) if stem.isdigit() else stem  # COCO files: the id
+      if task == "instance":
+        found = mask_ap.detections(image_id, result["masks"], result["scores"], result["category_id"])
+        detections += found
+        Image.fromarray(visualize.overlay(image, *instance.as_id_map(result, image.shape[:2]),
+                                          categories)).save(os.path.join(out_dir, "overlays", stem + ".png"))
+        annotations[position] = {"image_id": image_id, "image_file": os.path.basename(path),
+                                 "detections": len(found)}
+        continue
+      id_map, segments_info = result
       Image.fromarray(id2rgb(id_map)).save(os.path.join(out_dir, "panoptic", stem + ".png"))
       Image.fromarray(visualize.overlay(image, id_map, segments_info, categories)).save(
           os.path.join(out_dir, "overlays", stem + ".png"))
-      annotations[position] = {"image_id": int(stem) if stem.isdigit() else stem,  # COCO files: the id
+      annotations[position] = {"image_id": image_id,
                                "file_name": stem + ".png", "image_file": os.path.basename(path),
                                "segments_info": [{k2: s[k2] for k2 in ("id", "category_id", "isthing",
                                                                        "score", "area")}
@@ -125,7 +155,10 @@ def predict(config, state, model, mesh, image_paths, out_dir, categories):
                     len(image_paths), ", ".join(s["file"] for s in skipped))
   result = {"annotations": annotations,
             "categories": [{k2: c[k2] for k2 in ("id", "name", "isthing") if k2 in c} for c in categories],
-            "skipped": skipped}
+            "skipped": skipped, "task": task}
+  if task == "instance":
+    with open(os.path.join(out_dir, "instances.json"), "w") as f:
+      json.dump(detections, f)
   with open(os.path.join(out_dir, "predictions.json"), "w") as f:
     json.dump(result, f, indent=1)
   return result
