@@ -270,3 +270,31 @@ def test_data_check_reports_instance_problems(data, tmp_path):
   counts = check.check_split(config, "train2017", out=out)
   assert counts == {"bad_annotation": 2, "invalid_polygons": 1}, out.getvalue()
   assert "image_id 999 is not in 'images'" in out.getvalue() and "category_id 77" in out.getvalue()
+
+
+def test_layered_train_step_is_the_same_on_1_and_8_devices(data):
+  """One Mask2Former step on instance targets ([B, H, W, 4] from the source through the LSJ recipe) gives
+  the same loss terms and gradient norm on one device as sharded over eight."""
+  import jax
+  from maskformer_jax import sharding
+  from maskformer_jax import train_step as ts
+  from maskformer_jax.config import load_config
+  from maskformer_jax.models import build_model
+  config = load_config(f"{ROOT}/configs/mask2former.py:task=coco_instance,runlocal")
+  config.batch_size, config.model.backbone_norm = 8, "frozen_bn"
+  src = coco_instance.CocoInstanceSource(data, "train2017", bad_input="raise")
+  examples = [transforms.train_example(src[i], np.random.default_rng(i), recipe="lsj", canvas=(64, 64),
+                                       max_instances=8, num_classes=3)[0] for i in range(8)]
+  batch = {k: np.stack([e[k] for e in examples]) for k in ("image", "segments", "labels", "valid",
+                                                             "image_size")}
+  assert batch["segments"].shape == (8, 64, 64, 4) and (((batch["segments"] >= 0).sum(-1)) >= 2).any()
+  model = build_model(config.model)
+  results = []
+  for n in (1, 8):
+    mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:n])
+    state = ts.init_state(config, model, mesh, jax.random.key(0))
+    _, metrics = ts.make_train_step(config, model, mesh)(state, ts.shard_batch(batch, mesh))
+    results.append(jax.device_get(metrics))
+  for k in ("loss", "loss_ce", "loss_mask", "loss_dice", "loss_mask_0", "grad_norm", "num_masks"):
+    np.testing.assert_allclose(results[1][k][0], results[0][k][0], rtol=1e-5, err_msg=k)
+  assert np.isfinite(results[0]["loss"][0])

@@ -9,7 +9,8 @@ same batch (ratios are to the first): `float32` / `bfloat16` = compute dtype wit
 (the design); `scipy` = `loss.matcher="scipy"`, the original's host-side Hungarian through a callback
 inside the step; `remat` = `model.remat` (recompute block and layer activations in the backward pass);
 `points` = `loss.point_sampling` (Mask2Former's point-sampled mask losses instead of full-resolution
-upsampling). The batch is synthetic with realistic structure (20 rectangular segments of random classes
+upsampling); `instances` = overlapping instance targets in data.instance_layers layers (the COCO
+instance recipe's batch, segments [B, H, W, L]) instead of one segment a pixel. The batch is synthetic with realistic structure (20 rectangular segments of random classes
 per image), so the matcher and the mask losses do their real work.
 
 Memory is XLA's own account of the compiled step (`memory_analysis()`: arguments + outputs - donated
@@ -32,8 +33,10 @@ from maskformer_jax.config import load_config
 from maskformer_jax.models import build_model
 
 
-def make_batch(rng, b, h, w, m, k, segments_per_image=20):
-  seg = np.full((b, h, w), -1, np.int32)
+def make_batch(rng, b, h, w, m, k, segments_per_image=20, layers=0):
+  """layers > 0: instance targets, segments [B, H, W, layers], the rectangles overlapping (each pixel of
+  one in the first layer free there) instead of occluding each other."""
+  seg = np.full((b, h, w, max(layers, 1)), -1, np.int32)
   labels = np.full((b, m), k, np.int32)
   valid = np.zeros((b, m), bool)
   n = min(segments_per_image, m)
@@ -41,13 +44,18 @@ def make_batch(rng, b, h, w, m, k, segments_per_image=20):
     for j in range(n):  # later rectangles occlude earlier ones, like the real data
       y0, x0 = rng.integers(0, h - 8), rng.integers(0, w - 8)
       y1, x1 = y0 + rng.integers(8, h // 2), x0 + rng.integers(8, w // 2)
-      seg[i, y0:y1, x0:x1] = j
+      box = seg[i, y0:y1, x0:x1]
+      todo = np.ones(box.shape[:2], bool)
+      for layer in range(layers) if layers else [0]:
+        put = todo & (box[..., layer] < 0) if layers else todo
+        box[..., layer][put] = j
+        todo &= ~put
     present = np.unique(seg[i])
     present = present[present >= 0]
     valid[i, present] = True
     labels[i, present] = rng.integers(0, k, size=len(present))
   image = rng.integers(0, 256, size=(b, h, w, 3), dtype=np.uint8)
-  return {"image": image, "segments": seg, "labels": labels, "valid": valid}
+  return {"image": image, "segments": seg if layers else seg[..., 0], "labels": labels, "valid": valid}
 
 
 # Dense bfloat16 peak of one chip, TFLOP/s, by a substring of jax's device_kind (vendor data sheets).
@@ -69,6 +77,7 @@ VARIANT_PARTS = {
     "jax": lambda c: setattr(c.loss, "matcher", "jax"),
     "remat": lambda c: setattr(c.model, "remat", True),
     "points": lambda c: setattr(c.loss, "point_sampling", True),
+    "instances": lambda c: setattr(c.data, "dataset", "coco_instance"),
 }
 
 
@@ -153,8 +162,9 @@ def measure(config_path, batch_size, size, variants, steps, profile=0, log=print
     config = variant_config(load_config(config_path), variant)
     config.batch_size = batch_size
     config.data.image_size = tuple(size)
+    layers = config.data.instance_layers if config.data.dataset == "coco_instance" else 0
     batch = make_batch(np.random.default_rng(0), batch_size, *size, config.data.max_instances,
-                       config.model.num_classes)
+                       config.model.num_classes, layers=layers)
     r = run_variant(config, batch, steps, profile)
     rows.append((variant, r))
     log(f"{variant}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items() if k != "top_ops"))
