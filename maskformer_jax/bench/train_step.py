@@ -10,7 +10,8 @@ same batch (ratios are to the first): `float32` / `bfloat16` = compute dtype wit
 inside the step; `remat` = `model.remat` (recompute block and layer activations in the backward pass);
 `points` = `loss.point_sampling` (Mask2Former's point-sampled mask losses instead of full-resolution
 upsampling); `instances` = overlapping instance targets in data.instance_layers layers (the COCO
-instance recipe's batch, segments [B, H, W, L]) instead of one segment a pixel. The batch is synthetic with realistic structure (20 rectangular segments of random classes
+instance recipe's batch, segments [B, H, W, L]) instead of one segment a pixel; `stacked` = the default
+batch's targets stored in L layers (the cost of the layers alone). The batch is synthetic with realistic structure (20 rectangular segments of random classes
 per image), so the matcher and the mask losses do their real work.
 
 Memory is XLA's own account of the compiled step (`memory_analysis()`: arguments + outputs - donated
@@ -33,9 +34,14 @@ from maskformer_jax.config import load_config
 from maskformer_jax.models import build_model
 
 
-def make_batch(rng, b, h, w, m, k, segments_per_image=20, layers=0):
+def make_batch(rng, b, h, w, m, k, segments_per_image=20, layers=0, overlap=True):
   """layers > 0: instance targets, segments [B, H, W, layers], the rectangles overlapping (each pixel of
-  one in the first layer free there) instead of occluding each other."""
+  one in the first layer free there) instead of occluding each other; with overlap=False the occluding
+  rectangles of layers=0 in layer 0 and the other layers empty (the same targets, stored in layers)."""
+  if layers and not overlap:
+    out = make_batch(rng, b, h, w, m, k, segments_per_image)
+    empty = np.full((b, h, w, layers - 1), -1, np.int32)
+    return dict(out, segments=np.concatenate([out["segments"][..., None], empty], axis=-1))
   seg = np.full((b, h, w, max(layers, 1)), -1, np.int32)
   labels = np.full((b, m), k, np.int32)
   valid = np.zeros((b, m), bool)
@@ -78,6 +84,7 @@ VARIANT_PARTS = {
     "remat": lambda c: setattr(c.model, "remat", True),
     "points": lambda c: setattr(c.loss, "point_sampling", True),
     "instances": lambda c: setattr(c.data, "dataset", "coco_instance"),
+    "stacked": lambda c: setattr(c.data, "dataset", "coco_instance"),
 }
 
 
@@ -164,7 +171,7 @@ def measure(config_path, batch_size, size, variants, steps, profile=0, log=print
     config.data.image_size = tuple(size)
     layers = config.data.instance_layers if config.data.dataset == "coco_instance" else 0
     batch = make_batch(np.random.default_rng(0), batch_size, *size, config.data.max_instances,
-                       config.model.num_classes, layers=layers)
+                       config.model.num_classes, layers=layers, overlap="stacked" not in variant.split("+"))
     r = run_variant(config, batch, steps, profile)
     rows.append((variant, r))
     log(f"{variant}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items() if k != "top_ops"))

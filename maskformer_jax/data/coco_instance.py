@@ -29,8 +29,7 @@ from etils import epath
 from pycocotools import mask as mask_util
 
 from maskformer_jax.data.coco_panoptic import (BadInputError, BadInputPolicy, _int, _Malformed, _name,
-                                               as_bad_input, decode_rgb, header_sizes,
-                                               load_annotations, read_bytes)
+                                               as_bad_input, decode_rgb, load_annotations, read_bytes)
 
 log = logging.getLogger("maskformer_jax.data")
 
@@ -80,7 +79,6 @@ class CocoInstanceSource:
     self.is_thing = np.ones(len(self.categories), bool)
     cat_index = {c["id"]: c["contiguous_id"] for c in self.categories}
     self._parse(d, cat_index)
-    self._header_sizes = None
     self.lock, self.dropped_pixels, self.overlap_images = threading.Lock(), 0, 0
 
   def _parse(self, d, cat_index):
@@ -182,14 +180,9 @@ class CocoInstanceSource:
     return [self.image_path(index)]
 
   def image_sizes(self):
-    """(h, w) of every image, int32 [N, 2], from the JSON (a header read where it says 0)."""
-    if self._header_sizes is None:
-      sizes = self._sizes.copy()
-      missing = np.flatnonzero((sizes <= 0).any(1))
-      if len(missing):
-        sizes[missing] = header_sizes([self.image_path(i) for i in missing], repr(self))
-      self._header_sizes = sizes
-    return self._header_sizes
+    """(h, w) of every image, int32 [N, 2], from the JSON (which must give them: the polygons are
+    rasterised at that size)."""
+    return self._sizes
 
   def _rle_of(self, j, size):
     """Annotation j's mask as one compressed RLE at `size`."""
