@@ -263,12 +263,15 @@ def test_data_check_reports_instance_problems(data, tmp_path):
     d["annotations"][0]["segmentation"] = [[1, 2, 3, 4]]
     d["annotations"][1]["category_id"] = 77
     d["annotations"].append({"image_id": 999, "category_id": 1, "segmentation": []})
+    d["images"].append(dict(d["images"][0]))  # listed twice
   config = load_config(f"{ROOT}/configs/mask2former.py:task=coco_instance,runlocal")
   with config.unlocked():
     config.data.root = str(write_variant(data, tmp_path, edit))
   out = io.StringIO()
   counts = check.check_split(config, "train2017", out=out)
-  assert counts == {"bad_annotation": 2, "invalid_polygons": 1}, out.getvalue()
+  # the first listing of the duplicate gets no annotation (they go to the last): no_segments
+  assert counts == {"bad_annotation": 2, "invalid_polygons": 1, "duplicate_image_id": 1, "no_segments": 1}, (
+      out.getvalue())
   assert "image_id 999 is not in 'images'" in out.getvalue() and "category_id 77" in out.getvalue()
 
 

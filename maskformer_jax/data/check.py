@@ -96,12 +96,12 @@ def check_split(config, split, *, threads=8, show=5, out=sys.stdout):
     counts["invalid_polygons"] += src.invalid_polygons
     examples["invalid_polygons"].append(f"{src.ann_path}: {src.invalid_polygons} annotations have no "
                                         "polygon of >= 3 points and are left out")
+  seen = collections.Counter(np.asarray(getattr(src, "image_ids", [])).tolist())
+  for image_id, k in seen.items():
+    if k > 1:
+      counts["duplicate_image_id"] += 1
+      examples["duplicate_image_id"].append(f"image id {image_id} listed {k} times")
   if isinstance(src, CocoPanopticSource):
-    seen = collections.Counter(src.image_ids.tolist())
-    for image_id, k in seen.items():
-      if k > 1:
-        counts["duplicate_image_id"] += 1
-        examples["duplicate_image_id"].append(f"image id {image_id} listed {k} times")
     fn = lambda i: check_coco_example(src, i, d.max_instances)
   else:
     fn = lambda i: check_generic_example(src, i)

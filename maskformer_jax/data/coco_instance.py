@@ -92,7 +92,9 @@ class CocoInstanceSource:
       except _Malformed as e:  # without its id, name and size the image cannot be read or scored
         self.annotation_problems.append(("bad_annotation", str(self.ann_path), f"{e}: the entry is left out"))
         continue
-      ids.append(image_id), files.append(file_name), sizes.append(size)
+      ids.append(image_id)
+      files.append(file_name)
+      sizes.append(size)
     self.image_ids = np.array(ids, np.int64)
     self._index = {int(i): k for k, i in enumerate(ids)}
     self._image_files, self._sizes = files, np.array(sizes, np.int32).reshape(-1, 2)
