@@ -41,7 +41,7 @@ def write_split(root, sizes, split="val2017", seed=0):
   rng = np.random.default_rng(seed)
   images, annotations = [], []
   for image_id, (h, w) in enumerate(sizes, 1):
-    image, idmap, info, _ = synthetic.render(rng, h, w)
+    image, idmap, info = synthetic.render(rng, h, w)
     stem = f"{image_id:012d}"
     Image.fromarray(image).save(root / split / f"{stem}.jpg", quality=95)
     Image.fromarray(synthetic._rgb_from_id(idmap)).save(root / f"panoptic_{split}" / f"{stem}.png")

@@ -75,7 +75,12 @@ def _outline(kind, cy, cx, r, angle):
 
 
 def render(rng, h, w):
-  """One example: (image uint8 [h,w,3], id map int32 [h,w], segments_info list, outlines {id: polygon})."""
+  """One example: (image uint8 [h,w,3], id map int32 [h,w], segments_info list)."""
+  return render_with_outlines(rng, h, w)[:3]
+
+
+def render_with_outlines(rng, h, w):
+  """`render`'s example and each thing's whole outline as a COCO polygon: (..., {segment id: polygon})."""
   cats = {c["name"]: c for c in CATEGORIES}
   ids = rng.permutation(1 << 12)[:16] * 4096 + rng.integers(1, 4096, 16)  # distinct, 24-bit
   idmap = np.zeros((h, w), np.int64)
@@ -199,7 +204,7 @@ def _generate(out_dir, num_train, num_val, image_size, seed):
     os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
     images, annotations, instances = [], [], []
     for _ in range(n):
-      image, idmap, info, outlines = render(rng, h, w)
+      image, idmap, info, outlines = render_with_outlines(rng, h, w)
       image_id = next_image_id
       next_image_id += 1
       stem = f"{image_id:012d}"
