@@ -81,12 +81,16 @@ def _sample_gather(value, spatial_shapes, sampling_locations, attention_weights)
   index = starts + jnp.clip(y, 0, hs - 1) * ws + jnp.clip(x, 0, ws - 1)
   weight = jnp.where(inside, weight, 0.0) * attention_weights.astype(jnp.float32)[..., None]
   k = nl * npt * 4
-  batch, head = np.arange(b)[:, None, None], np.arange(nh)[None, None, :]
+  # Rows of one image and head, vmapped over heads and images: the gather then carries the batch as a
+  # batching dimension, which the partitioner keeps sharded over 'data'. Indexing the batch with
+  # arange(B) instead made the TPU compiler all-gather every layer's value map across the data axis
+  # (tests/test_tpu_compile.py).
+  rows_of = jax.vmap(jax.vmap(lambda v, i: v.at[i].get(mode="promise_in_bounds"), in_axes=(1, 1), out_axes=1))
 
   @jax.checkpoint
   def add_sample(total, sample):  # one corner sample of every (image, query, head): [B, Q, nh] each
     idx, wgt = sample
-    rows = value.at[batch, idx, head].get(mode="promise_in_bounds")  # [B, Q, nh, D]
+    rows = rows_of(value, idx)  # [B, Q, nh, D]
     return total + wgt[..., None] * rows.astype(jnp.float32), None
 
   out, _ = jax.lax.scan(add_sample, jnp.zeros((b, q, nh, d), jnp.float32),
