@@ -20,7 +20,8 @@ from maskformer_jax import sharding
 from maskformer_jax.models import normalize_image
 
 
-def _init_fn(config, model):
+def init_fn(config, model):
+  """`rng -> state`: the initial train state (traced abstractly by state_shardings and tpu_compile)."""
   h, w = config.data.image_size
 
   def init(rng):
@@ -42,7 +43,7 @@ def _init_fn(config, model):
 
 def state_shardings(config, model, mesh):
   """NamedShardings of the train state (replicated, FSDP over 'data' and/or split over 'model')."""
-  abstract = jax.eval_shape(_init_fn(config, model), jax.random.key(0))
+  abstract = jax.eval_shape(init_fn(config, model), jax.random.key(0))
   return sharding.state_shardings(abstract, mesh, config.mesh)
 
 
@@ -52,7 +53,7 @@ def init_state(config, model, mesh, rng, shardings=None):
   `shardings` (from state_shardings) saves tracing the model and optimizer init once more.
   """
   shardings = shardings or state_shardings(config, model, mesh)
-  return jax.jit(_init_fn(config, model), out_shardings=shardings)(rng)
+  return jax.jit(init_fn(config, model), out_shardings=shardings)(rng)
 
 
 def shard_batch(batch, mesh):
@@ -61,19 +62,33 @@ def shard_batch(batch, mesh):
   return {k: jax.make_array_from_process_local_data(s, np.asarray(v)) for k, v in batch.items()}
 
 
-def cpu_compiler_options():
+def cpu_compiler_options(mesh=None):
   """XLA options for the train step on CPU: convolutions without YNNPACK (dots keep it).
 
   XLA:CPU hands convolutions to YNNPACK by default, whose kernel gradients run 2-4x slower than XLA's
   own convolutions (a 3x3 256->256 conv on 2x128x128: 2.3 s vs 0.58 s); the COCO R50 train step takes
   8.1 s instead of 11.4 s without them (docs/benchmarks.md, "Where the train step's time goes"). Its
-  forward convolutions are faster, so inference and evaluation keep the default. None off the CPU, and
-  on jaxlib series other than the one measured (the option is experimental; an unknown one fails).
+  forward convolutions are faster, so inference and evaluation keep the default. None for a mesh of other
+  devices (a CPU host compiling for a TPU slice), and on jaxlib series other than the one measured (the
+  option is experimental; an unknown one fails).
   """
   from jaxlib import version
-  if jax.default_backend() != "cpu" or not version.__version__.startswith("0.10."):
+  platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+  if platform != "cpu" or not version.__version__.startswith("0.10."):
     return None
   return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+def hardware_rng(key):
+  """`key` (threefry) -> an "rbg" key seeded from it, for the dropout masks.
+
+  Its bits come from XLA's RngBitGenerator, one operation, where threefry writes ~100 bit operations per
+  random number into the program: the main COCO recipe's TPU compile took 317 s with threefry dropout and
+  217 s with this (docs/benchmarks.md, "Will it fit?"), and the TPU generates such bits in hardware. Keys
+  are still split and folded by threefry, so the masks are a deterministic function of the state's rng and
+  do not depend on how the batch is laid out over devices (tests/test_train_step.py).
+  """
+  return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
 
 
 def make_train_step(config, model, mesh, shardings=None):
@@ -97,6 +112,7 @@ def make_train_step(config, model, mesh, shardings=None):
 
   def loss_fn(params, batch_stats, batch, rng, num_masks, ce_norm):
     dropout_rng, loss_rng = jax.random.split(rng)
+    dropout_rng = hardware_rng(dropout_rng)
     variables = {"params": params, "batch_stats": batch_stats}
     images = normalize_image(batch["image"], batch.get("image_size"))
     if bn:
@@ -170,7 +186,7 @@ def make_train_step(config, model, mesh, shardings=None):
     return new_state, metrics
 
   return jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
-                 donate_argnums=0, compiler_options=cpu_compiler_options())
+                 donate_argnums=0, compiler_options=cpu_compiler_options(mesh))
 
 
 def make_eval_step(config, model, mesh, shardings=None):
