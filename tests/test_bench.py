@@ -42,7 +42,7 @@ def test_bench_variants_compose_and_unknown_parts_fail():
   assert (c.model.dtype, c.model.remat, c.loss.matcher, c.loss.point_sampling) == ("bfloat16", True, "scipy", False)
   with pytest.raises(ValueError, match="unknown variant part 'fp16'.*parts: "):
     bench.variant_config(c, "fp16")
-  assert bench.peak_tflops("NVIDIA H200") == 989.0 and bench.peak_tflops("cpu") is None
+  assert bench.slices.peak_tflops("NVIDIA H200") == 989.0 and bench.slices.peak_tflops("cpu") is None
 
 
 def test_postprocess_bench_core_on_small_inputs(capsys):

@@ -18,7 +18,7 @@ Memory is XLA's own account of the compiled step (`memory_analysis()`: arguments
 aliases + temporaries), the same on every backend, plus the allocator's peak where the device reports one
 (GPU, TPU). FLOPs come from XLA's cost analysis of the compiled step, which counts what runs
 (recomputation included, so with `remat` it is hardware rather than model FLOPs); utilisation is
-FLOPs / step time / the chip's dense bfloat16 peak from `PEAK_BF16_TFLOPS` where its kind is known.
+FLOPs / step time / the chip's dense bfloat16 peak (`slices.peak_tflops`) where its kind is known.
 `--profile N` traces one step of each variant and prints its N costliest operations (jax.profiler).
 """
 import argparse
@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from maskformer_jax import sharding
+from maskformer_jax import slices
 from maskformer_jax import train_step as ts
 from maskformer_jax.config import load_config
 from maskformer_jax.models import build_model
@@ -62,17 +63,6 @@ def make_batch(rng, b, h, w, m, k, segments_per_image=20, layers=0, overlap=True
     labels[i, present] = rng.integers(0, k, size=len(present))
   image = rng.integers(0, 256, size=(b, h, w, 3), dtype=np.uint8)
   return {"image": image, "segments": seg if layers else seg[..., 0], "labels": labels, "valid": valid}
-
-
-# Dense bfloat16 peak of one chip, TFLOP/s, by a substring of jax's device_kind (vendor data sheets).
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "TPU v4": 275.0,
-                    "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
-                    "TPU v6 lite": 918.0, "TPU v6e": 918.0}
-
-
-def peak_tflops(device_kind):
-  """The chip's dense bfloat16 peak, or None when unknown (CPUs)."""
-  return next((v for k, v in PEAK_BF16_TFLOPS.items() if k.lower() in device_kind.lower()), None)
 
 
 # A variant's parts: name -> config change.
@@ -181,15 +171,17 @@ def measure(config_path, batch_size, size, variants, steps, profile=0, log=print
 def table(rows, batch_size):
   """The markdown table of `measure`'s rows (ratios to the first), then each variant's top operations."""
   kind = jax.devices()[0].device_kind
-  peak = peak_tflops(kind)
+  peak = slices.peak_tflops(kind)
   base = rows[0][1]["step_s"]
   lines = ["| variant | compile s | step ms (median) | images/s | x first | XLA GiB | device peak GiB "
-           "| GFLOP/step | util. of bf16 peak | loss |", "|---|---|---|---|---|---|---|---|---|---|"]
+           f"| GFLOP/step | util. of bf16 peak | ms expected at {slices.UTILISATION:.0%} | loss |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for variant, r in rows:
     util = f"{r['flops'] / r['step_s'] / (peak * 1e12):.1%}" if peak else "n/a"
+    expected = f"{1e3 * slices.step_time_estimate(r['flops'], peak):.1f}" if peak else "n/a"
     lines.append(f"| {variant} | {r['compile_s']:.1f} | {1e3 * r['step_s']:.1f} | {batch_size / r['step_s']:.1f} "
                  f"| {base / r['step_s']:.2f} | {r['xla_gib']:.2f} | {r['peak_gib']:.2f} "
-                 f"| {r['flops'] / 1e9:.4g} | {util} | {r['loss']:.3f} |")
+                 f"| {r['flops'] / 1e9:.4g} | {util} | {expected} | {r['loss']:.3f} |")
   for variant, r in rows:
     if r["top_ops"]:
       lines += ["", f"Costliest operations of `{variant}` (one traced step):", "", "| ms | calls | op |",
