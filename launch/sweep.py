@@ -9,7 +9,9 @@ name, its own workdir and its own TPU, all launched at once; then a table (and a
   python launch/sweep.py summary --workdir-root gs://bucket/sweeps/lr [--metric val/pq] [--plot lr.png]
 
 Every combination is checked against the config *before* anything starts (a misspelt key or a value of
-the wrong type fails here, not an hour later on a pod), given a readable run name (the slice type, then
+the wrong type fails here, not an hour later on a pod); with --launch, each run's train step is also
+compiled for its slice type with the TPU compiler (launch/tpu.py's pre-flight, once per distinct program),
+and if one does not fit nothing is launched and the error says what would (--skip-preflight skips it). Each is given a readable run name (the slice type, then
 the overrides) and its own workdir WORKDIR_ROOT/NAME. With --slice, each run gets a slice of its own,
 named from the run name, created by `launch/tpu.py run` (which restarts it after preemptions and deletes
 it when the run finishes, unless --keep-slices). With --tpu, runs go round-robin onto existing TPUs; a TPU
@@ -108,9 +110,30 @@ def plan(config_path, workdir_root, grid, *, slices=(), zone=None, tpus=(), tpu_
   return runs
 
 
+def preflight(config_path, runs, *, checker=None, log=print):
+  """Compiles the train step of every run that gets a slice of its own for that slice type, once per
+  distinct program (a grid over learning rates compiles once per slice type), before anything is
+  created. {run name: error message} of the runs that do not fit (or could not be checked)."""
+  failures, done = {}, {}
+  for run in runs:
+    if not run.slice:
+      continue  # an existing TPU: its own `tpu.py run` asks gcloud for the type and checks
+    job = tpu.Job(config_path, run.workdir, [f"--config.{k}={v}" for k, v in run.overrides.items()], run.name)
+    key = tpu.preflight_key(config_path, run.overrides, run.slice)
+    if key not in done:
+      try:
+        tpu.preflight(job, run.slice, checker=checker, log=log)
+        done[key] = None
+      except tpu.PreflightError as e:
+        done[key] = str(e)
+    if done[key]:
+      failures[run.name] = done[key]
+  return failures
+
+
 def run_argv(config_path, run, *, queued=False, provisioning=None, project=None, keep_slices=False,
-             poll_s=60.0):
-  """The `launch/tpu.py run` command of one run."""
+             poll_s=60.0, checked=False):
+  """The `launch/tpu.py run` command of one run (`checked`: its pre-flight already ran here)."""
   argv = [sys.executable, TPU_PY, "run", "--name", run.tpu, "--zone", run.zone]
   if project:
     argv += ["--project", project]
@@ -120,6 +143,7 @@ def run_argv(config_path, run, *, queued=False, provisioning=None, project=None,
     argv += [f"--{provisioning}"] if provisioning else []
     argv += [] if keep_slices else ["--delete-when-done"]
   argv += ["--config", config_path, "--workdir", run.workdir, "--run-name", run.name, "--poll-s", f"{poll_s:g}"]
+  argv += ["--skip-preflight"] if checked and run.slice else []
   return argv + [f"--config.{k}={v}" for k, v in run.overrides.items()]
 
 
@@ -314,7 +338,7 @@ def summary_main(argv):
   return 0
 
 
-def main(argv=None, launcher=subprocess_launcher):
+def main(argv=None, launcher=subprocess_launcher, checker=None):
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv[:1] == ["summary"]:
     return summary_main(argv[1:])
@@ -335,6 +359,8 @@ def main(argv=None, launcher=subprocess_launcher):
   p.add_argument("--tpu", action="append", default=[], help="NAME:ZONE of an existing TPU VM (repeatable)")
   p.add_argument("--poll-s", type=float, default=60.0, help="how often each run's slice state is checked")
   p.add_argument("--log-dir", help="local logs of the launchers, one per run (default sweep_logs/ROOT_NAME)")
+  p.add_argument("--skip-preflight", action="store_true", help="launch without first compiling each run's "
+                 "train step for its slice type to check that it fits")
   mode = p.add_mutually_exclusive_group()
   mode.add_argument("--launch", action="store_true", help="start the runs (and wait for them)")
   mode.add_argument("--dry-run", action="store_true", help="print every command the runs would run")
@@ -348,8 +374,16 @@ def main(argv=None, launcher=subprocess_launcher):
       tpu.Slice("x", args.zone, args.slice[0], None, args.queued, args.provisioning or "standard")
   except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
     p.error(str(e.args[0] if isinstance(e, KeyError) else e))
+  check = args.launch and not args.skip_preflight
+  if check:
+    failures = preflight(args.config, runs, checker=checker)
+    if failures:
+      for name, message in failures.items():
+        print(f"error: {name}: {message}", file=sys.stderr)
+      print(f"{len(failures)} of {len(runs)} runs do not fit their slices: nothing was launched", file=sys.stderr)
+      return 2
   argvs = [run_argv(args.config, r, queued=args.queued, provisioning=args.provisioning, project=args.project,
-                    keep_slices=args.keep_slices, poll_s=args.poll_s) for r in runs]
+                    keep_slices=args.keep_slices, poll_s=args.poll_s, checked=check) for r in runs]
   data = manifest(args.config, args.grid, runs, argvs)
   if args.dry_run:
     for run, argv in zip(runs, argvs):

@@ -18,12 +18,17 @@ preemptions until it finishes.
 slice is lost (PREEMPTED, SUSPENDED, FAILED, TERMINATED or deleted) it deletes and recreates it, installs
 again and restarts the same command, which resumes from its workdir. So the workdir must be a gs:// path:
 a worker's disk does not outlive the slice. It returns when WORKDIR/metrics.jsonl reaches total_steps.
+Pre-flight: train, run and watch first compile the train step for the slice's accelerator type with the
+TPU compiler, on this machine (python -m maskformer_jax.bench.tpu_compile; needs libtpu, `pip install -e
+'.[tpu]'`, no TPU), and refuse a config that does not fit, saying what would (--skip-preflight skips it).
+A result is cached per program, slice type and commit (~/.cache/maskformer_jax/preflight).
 Every subcommand takes --dry-run: it prints the exact commands (gcloud with all its flags, git, the scripts
 run over ssh) and runs none of them. The checkout is shipped with `git archive HEAD`: commit first.
 """
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import re
@@ -155,6 +160,82 @@ def remote_config_path(config: str) -> str:
     raise ValueError(f"--config {config!r} is outside this checkout ({REPO}); only the checkout is shipped "
                      "to the workers: put the config file under configs/ and commit it")
   return rel + sep + arg
+
+
+# ------------------------------------------------------------------------------------------------
+# Pre-flight: will the config fit the slice? Compiled for it with the TPU compiler, here, before anything
+# is created or started (python -m maskformer_jax.bench.tpu_compile; libtpu from PyPI, no TPU needed).
+
+class PreflightError(RuntimeError):
+  """The config does not fit the slice (the message says what would), or the check could not run."""
+
+
+def preflight_argv(config, overrides, accelerator, json_path, num_slices=1) -> list:
+  return [sys.executable, "-m", "maskformer_jax.bench.tpu_compile", "--config", config, "--topology", accelerator,
+          f"--num-slices={num_slices}", "--steps=train", "--options=1", f"--json={json_path}", *overrides]
+
+
+def _preflight_cache_dir():
+  return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "maskformer_jax",
+                      "preflight")
+
+
+def preflight_key(config_path, overrides, accelerator, num_slices=1) -> str:
+  """What decides the compiled train step: the program's config keys (tpu_compile.program_config, so a
+  sweep over learning rates compiles once), the slice and the code being shipped (git HEAD)."""
+  if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+  from maskformer_jax.bench.tpu_compile import program_config  # noqa: E402  (imports no JAX backend)
+  config = validate(config_path, overrides)
+  head = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+  text = json.dumps([program_config(config), accelerator, num_slices, head], sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def subprocess_checker(argv):
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+  return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO)
+
+
+def preflight(job, accelerator, *, num_slices=1, checker=None, log=None, cache=True):
+  """Compiles `job`'s train step for `accelerator` (cached by preflight_key); returns the report (a
+  dict, tpu_compile's JSON). Raises PreflightError when it does not fit, naming what would."""
+  log = log or (lambda msg: print(msg, flush=True))
+  checker = checker or subprocess_checker
+  key = preflight_key(job.config, job.override_dict(), accelerator, num_slices) if cache else None
+  cached = os.path.join(_preflight_cache_dir(), f"{key}.json") if key else None
+  if cached and os.path.exists(cached):
+    with open(cached) as f:
+      report = json.load(f)
+    log(f"pre-flight: {accelerator} was checked for this program before ({cached})")
+  else:
+    log(f"pre-flight: compiling {job.config} for {accelerator} with the TPU compiler (a few minutes; "
+        "--skip-preflight skips it)")
+    with tempfile.TemporaryDirectory() as d:
+      out = os.path.join(d, "report.json")
+      r = checker(preflight_argv(job.config, job.overrides, accelerator, out, num_slices))
+      if not os.path.exists(out):
+        tail = ((r.stderr or "") + (r.stdout or "")).strip().splitlines()[-1:] or [f"exit {r.returncode}"]
+        raise PreflightError(f"the pre-flight compilation for {accelerator} did not finish: {tail[0]} "
+                             "(it needs libtpu here: pip install -e '.[tpu]'; or pass --skip-preflight)")
+      with open(out) as f:
+        report = json.load(f)
+    if cached:
+      os.makedirs(os.path.dirname(cached), exist_ok=True)
+      with open(cached, "w") as f:
+        json.dump(report, f)
+  gib = lambda n: f"{n / 2 ** 30:.2f} GiB"  # noqa: E731
+  where = f"{accelerator}{f' x {num_slices}' if num_slices > 1 else ''}"
+  if report["fits"]:
+    log(f"pre-flight: the train step fits {where}: {gib(report['per_device_bytes'])} of "
+        f"{gib(report['hbm_bytes'])} per device")
+    return report
+  options = [f"{o['setting']} ({gib(o['per_device_bytes'])})" for o in report.get("fits_with", [])]
+  raise PreflightError(
+      f"{job.config} does not fit {where}: its train step needs {gib(report['per_device_bytes'])} per device "
+      f"of {gib(report['hbm_bytes'])}. " + (f"It fits with: {'; '.join(options)}. " if options else
+                                            "Nothing tried fits: use a larger slice or a smaller batch. ")
+      + "(--skip-preflight starts it anyway.)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -441,6 +522,9 @@ def _parser():
   run_args.add_argument("--poll-s", type=float, default=60.0)
   run_args.add_argument("--max-restarts", type=int, default=20)
   run_args.add_argument("--delete-when-done", action="store_true", help="delete the slice once finished")
+  check = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+  check.add_argument("--skip-preflight", action="store_true", help="start without first compiling the train "
+                     "step for the slice with the TPU compiler to check that it fits")
   helps = {"create": "create the TPU VM / pod slice", "setup": "ship this checkout and install it on every "
            "worker", "train": "start training on all workers (then return)", "tail": "follow the logs of "
            "every worker", "stop": "SIGTERM the run (it saves and exits)", "delete": "delete the slice "
@@ -449,12 +533,15 @@ def _parser():
            "watch": "restart an already started run after preemptions until finished"}
   parents = {"create": [common, make], "setup": [common, make], "train": [common, job],
              "tail": [common, job], "stop": [common, job], "delete": [common], "status": [common],
-             "run": [common, make, job, run_args], "watch": [common, make, job, run_args]}
+             "run": [common, make, job, run_args, check], "watch": [common, make, job, run_args, check]}
   for name, ps in parents.items():
     sp = sub.add_parser(name, parents=ps, help=helps[name], allow_abbrev=False)
     if name == "train":
       sp.add_argument("--config", required=True)
       sp.add_argument("--workdir", required=True)
+      sp.add_argument("--accelerator", help="the slice's accelerator type for the pre-flight check (default: "
+                      "asked of gcloud)")
+      sp.add_argument("--skip-preflight", action="store_true", help=check._actions[0].help)
     if name == "tail":
       sp.add_argument("--lines", type=int, default=100)
       sp.add_argument("--no-follow", action="store_true")
@@ -462,7 +549,32 @@ def _parser():
   return p
 
 
-def main(argv=None, runner=None, sleep=time.sleep):
+def accelerator_argv(s: Slice) -> list:
+  if s.queued:
+    return _g(s, "compute", "tpus", "queued-resources", "describe") + [
+        "--format=value(tpu.nodeSpec[0].node.acceleratorType)"]
+  return _g(s, "compute", "tpus", "tpu-vm", "describe") + ["--format=value(acceleratorType)"]
+
+
+def check_fits(sh, s, job, *, checker=None):
+  """The pre-flight of train/run/watch: the slice's accelerator type (from --accelerator, else gcloud),
+  then `preflight`. With --dry-run, prints the check's command instead of running it."""
+  accelerator = s.accelerator
+  if not accelerator and not sh.dry_run:
+    r = sh(accelerator_argv(s), check=False, capture=True)
+    accelerator = (r.stdout or "").strip() if r.returncode == 0 else ""
+    if not accelerator:
+      raise PreflightError(f"cannot tell the accelerator type of {s.name} for the pre-flight check: pass "
+                           "--accelerator (e.g. v4-8), or --skip-preflight")
+  if sh.dry_run:
+    sh.out("# pre-flight, run here first (no TPU needed): will the train step fit the slice?")
+    sh.out(shlex.join(preflight_argv(job.config, job.overrides, accelerator or "<the slice's type>",
+                                     "report.json")))
+    return None
+  return preflight(job, accelerator, checker=checker, log=sh.out)
+
+
+def main(argv=None, runner=None, sleep=time.sleep, checker=None):
   p = _parser()
   args, extra = p.parse_known_args(argv)
   if extra and args.cmd not in ("train", "run", "watch"):
@@ -483,6 +595,8 @@ def main(argv=None, runner=None, sleep=time.sleep):
     p.error(str(e.args[0] if isinstance(e, KeyError) else e))
   sh = Shell(args.dry_run, runner)
   try:
+    if args.cmd in ("train", "run", "watch") and not args.skip_preflight:
+      check_fits(sh, s, job, checker=checker)
     if args.cmd == "create":
       create(sh, s)
     elif args.cmd == "setup":
@@ -513,6 +627,9 @@ def main(argv=None, runner=None, sleep=time.sleep):
       return keep_running(sh, s, job, int(config.total_steps), launched=args.cmd == "watch",
                           poll_s=args.poll_s, max_restarts=args.max_restarts,
                           delete_when_done=args.delete_when_done, sleep=sleep)
+  except PreflightError as e:  # nothing was created or started
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   except (RuntimeError, ValueError) as e:  # a failed command; a lost --tpu slice without --accelerator
     print(f"error: {e}", file=sys.stderr)
     return 1

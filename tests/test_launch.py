@@ -4,6 +4,7 @@ import os
 import pathlib
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -86,8 +87,10 @@ def test_setup_ships_head_and_installs_from_the_lock_on_every_worker(capsys):
 
 
 def test_train_starts_the_same_command_on_all_workers_detached(capsys):
-  (argv,) = dry(capsys, "train", "--name", "n", "--zone", "z", "--config", "configs/coco_panoptic.py:backbone=r101",
-                "--workdir", "gs://b/r", "--config.data.root=gs://b/coco")
+  check, argv = dry(capsys, "train", "--name", "n", "--zone", "z", "--config",
+                    "configs/coco_panoptic.py:backbone=r101", "--workdir", "gs://b/r", "--config.data.root=gs://b/coco")
+  assert check[:3] == [sys.executable, "-m", "maskformer_jax.bench.tpu_compile"]  # the pre-flight, run here
+  assert check[check.index("--topology") + 1] == "<the slice's type>" and check[-1] == "--config.data.root=gs://b/coco"
   assert argv == ssh("n", "z", argv[-1])
   assert argv[-1] == (
       "mkdir -p ~/logs; cd ~/maskformer_jax || exit 1; setsid nohup .venv/bin/python -m maskformer_jax.train "
@@ -133,7 +136,7 @@ def test_run_dry_run_prints_one_launch(capsys):
   lines = dry(capsys, "run", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--queued", "--spot",
               "--config", DEMO, "--workdir", "gs://b/r")
   assert [l[1:5] if l[0] == "gcloud" else l[0] for l in lines] == [
-      ["compute", "tpus", "queued-resources", "describe"], ["compute", "tpus", "queued-resources", "create"],
+      sys.executable, ["compute", "tpus", "queued-resources", "describe"], ["compute", "tpus", "queued-resources", "create"],
       "git", ["compute", "tpus", "tpu-vm", "scp"], ["compute", "tpus", "tpu-vm", "ssh"],
       ["compute", "tpus", "tpu-vm", "ssh"], ["compute", "tpus", "tpu-vm", "ssh"],
       ["compute", "tpus", "queued-resources", "delete"]]
@@ -158,14 +161,16 @@ class FakeGcloud:
   """Answers `describe` from a list of states (the last one repeats), ssh `kill -0` with alive/gone, and
   on the train ssh calls `on_train`. Records every argv."""
 
-  def __init__(self, states, alive=("alive",), on_train=None, failed_creates=0):
+  def __init__(self, states, alive=("alive",), on_train=None, failed_creates=0, accelerator="v4-8"):
     self.states, self.alive, self.on_train, self.calls = list(states), list(alive), on_train, []
-    self.failed_creates = failed_creates
+    self.failed_creates, self.accelerator = failed_creates, accelerator
 
   def __call__(self, argv, capture=False):
     self.calls.append(argv)
     out, err, rc = "", "", 0
-    if "describe" in argv:
+    if any("acceleratorType" in a for a in argv):
+      out = self.accelerator + "\n"
+    elif "describe" in argv:
       st = self.states.pop(0) if len(self.states) > 1 else self.states[0]
       if st == "NOT_FOUND":
         rc, err = 1, "ERROR: (gcloud.compute.tpus) NOT_FOUND: Resource 'x' was not found"
@@ -181,6 +186,29 @@ class FakeGcloud:
 
   def count(self, *words):
     return sum(all(w in a for w in words) for a in self.calls)
+
+
+class FakeCheck:
+  """Stands in for `python -m maskformer_jax.bench.tpu_compile` (the pre-flight): writes its JSON report
+  (fits, or not with one setting that fits) and records the argv it was given."""
+
+  def __init__(self, fits=True):
+    self.fits, self.calls = fits, []
+
+  def __call__(self, argv):
+    self.calls.append(argv)
+    report = {"fits": self.fits, "per_device_bytes": (12 if self.fits else 40) * 2 ** 30,
+              "hbm_bytes": int(30.75 * 2 ** 30),
+              "fits_with": [] if self.fits else [{"setting": "--config.grad_accum_steps=4",
+                                                 "per_device_bytes": 20 * 2 ** 30}]}
+    out = next(a.partition("=")[2] for a in argv if a.startswith("--json="))
+    pathlib.Path(out).write_text(json.dumps(report))
+    return subprocess.CompletedProcess(argv, 0 if self.fits else 1, "", "")
+
+
+@pytest.fixture(autouse=True)
+def _preflight_cache(tmp_path, monkeypatch):
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no results from earlier runs
 
 
 def write_metrics(workdir, steps, loss=1.0, evals=(), mtime=None):
@@ -201,7 +229,7 @@ def test_watch_recreates_reinstalls_and_restarts_once_after_preemption(tmp_path)
   sleeps = []
   code = tpu.main(["watch", "--name", "n", "--zone", "z", "--queued", "--spot", "--accelerator", "v4-8",
                    "--config", DEMO, "--workdir", str(workdir), "--config.total_steps=10", "--poll-s", "7"],
-                  runner=fake, sleep=sleeps.append)
+                  runner=fake, sleep=sleeps.append, checker=FakeCheck())
   assert code == 0
   assert fake.count("queued-resources", "delete", "--force") == 1
   assert fake.count("queued-resources", "create", "--spot", "--accelerator-type=v4-8") == 1
@@ -224,7 +252,7 @@ def test_a_failed_recreation_is_tried_again_without_counting_a_new_restart(tmp_p
                     failed_creates=1)
   assert tpu.main(["watch", "--name", "n", "--zone", "z", "--spot", "--accelerator", "v4-8", "--config", DEMO,
                    "--workdir", str(workdir), "--config.total_steps=10", "--poll-s", "0"],
-                  runner=fake, sleep=lambda s: None) == 0
+                  runner=fake, sleep=lambda s: None, checker=FakeCheck()) == 0
   assert fake.count("tpu-vm", "delete") == 1 and fake.count("tpu-vm", "create", "--spot") == 2
   assert sum("ssh" in a and "maskformer_jax.train" in a[-1] for a in fake.calls) == 1
   assert json.loads((workdir / "launch_status.json").read_text())["restarts"] == 1
@@ -234,12 +262,45 @@ def test_run_creates_a_missing_slice_and_reports_a_run_that_dies(tmp_path):
   workdir = tmp_path / "run"
   fake = FakeGcloud(["NOT_FOUND", "READY", "READY"], alive=["gone"])
   code = tpu.main(["run", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--config", DEMO,
-                   "--workdir", str(workdir), "--poll-s", "0"], runner=fake, sleep=lambda s: None)
+                   "--workdir", str(workdir), "--poll-s", "0"], runner=fake, sleep=lambda s: None,
+                  checker=FakeCheck())
   assert code == 1
   assert fake.count("tpu-vm", "create") == 1 and fake.count("delete") == 0
   assert sum("ssh" in a and "maskformer_jax.train" in a[-1] for a in fake.calls) == 1  # never restarted
   marker = json.loads((workdir / "launch_status.json").read_text())
   assert marker["status"] == "failed" and "exited" in marker["message"]
+
+
+def test_preflight_refuses_a_config_that_does_not_fit_before_creating_anything(tmp_path, capsys):
+  fake, check = FakeGcloud(["NOT_FOUND"]), FakeCheck(fits=False)
+  code = tpu.main(["run", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--config", DEMO,
+                   "--workdir", str(tmp_path / "run"), "--config.batch_size=64"], runner=fake,
+                  sleep=lambda s: None, checker=check)
+  assert code == 2 and fake.calls == []  # nothing created, nothing started
+  err = capsys.readouterr().err
+  assert "does not fit v4-8" in err and "40.00 GiB per device of 30.75 GiB" in err
+  assert "--config.grad_accum_steps=4 (20.00 GiB)" in err and "--skip-preflight" in err
+  (argv,) = check.calls
+  assert argv[argv.index("--topology") + 1] == "v4-8" and "--config.batch_size=64" in argv
+  # --skip-preflight starts it anyway; a config that fits starts after the check.
+  fake = FakeGcloud(["NOT_FOUND", "READY"], on_train=lambda: write_metrics(tmp_path / "run", [20]))
+  assert tpu.main(["run", "--name", "n", "--zone", "z", "--accelerator", "v4-8", "--config", DEMO, "--workdir",
+                   str(tmp_path / "run"), "--config.total_steps=20", "--skip-preflight"], runner=fake,
+                  sleep=lambda s: None, checker=check) == 0
+  assert fake.count("tpu-vm", "create") == 1 and len(check.calls) == 1
+
+
+def test_preflight_of_train_asks_gcloud_for_the_slice_type_and_caches_its_result(tmp_path, capsys):
+  fake, check = FakeGcloud(["READY"], accelerator="v5litepod-16"), FakeCheck()
+  argv = ["train", "--name", "n", "--zone", "z", "--config", DEMO, "--workdir", "gs://b/r"]
+  assert tpu.main(argv, runner=fake, checker=check) == 0
+  assert check.calls[0][check.calls[0].index("--topology") + 1] == "v5litepod-16"
+  assert "fits v5litepod-16: 12.00 GiB of 30.75 GiB per device" in capsys.readouterr().out
+  assert tpu.main(argv + ["--config.optim.base_lr=3e-4"], runner=fake, checker=check) == 0
+  assert len(check.calls) == 1  # the same program (a learning rate is a number in it): checked once
+  assert tpu.main(argv + ["--config.batch_size=32"], runner=fake, checker=check) == 0
+  assert len(check.calls) == 2
+  assert sum("maskformer_jax.train" in a[-1] for a in fake.calls if "ssh" in a) == 3
 
 
 def test_state_through_a_fake_gcloud_on_path(tmp_path, monkeypatch):
@@ -340,6 +401,32 @@ def test_sweep_launch_writes_the_manifest_and_runs_tpus_in_parallel(tmp_path, ca
   # the two runs on TPU a one after the other, in grid order
   assert [r for t, r, _ in started if t == "a"] == ["total_steps=10", "total_steps=30"]
   assert sorted(os.path.basename(p) for *_, p in started) == [f"total_steps={n}.log" for n in (10, 20, 30)]
+
+
+def test_sweep_preflight_checks_each_program_once_per_slice_type_and_launches_nothing_that_does_not_fit(
+    tmp_path, capsys):
+  started = []
+  launcher = lambda argv, log_path: started.append(argv) or 0  # noqa: E731
+  argv = ["--config", DEMO, "--workdir-root", str(tmp_path / "sweep"), "--slice", "v4-8", "--slice", "v5e-16",
+          "--zone", "z", "--grid", "optim.base_lr=1e-4,2e-4,3e-4", "--launch", "--log-dir", str(tmp_path / "logs")]
+
+  class PerSlice(FakeCheck):  # fits v5e-16, not v4-8
+    def __call__(self, argv):
+      self.fits = argv[argv.index("--topology") + 1] == "v5e-16"
+      return super().__call__(argv)
+
+  check = PerSlice()
+  assert sweep.main(argv, launcher=launcher, checker=check) == 2
+  assert started == [] and len(check.calls) == 2  # 6 runs, 2 programs x slice types: 2 compilations
+  err = capsys.readouterr().err
+  assert "3 of 6 runs do not fit their slices: nothing was launched" in err
+  assert "v4-8_base_lr=0.0001: configs/demo.py does not fit v4-8" in err
+  # A result is kept (the same program on the same slice needs no new compilation); once all fit, each
+  # run's own launcher skips the check done here.
+  assert sweep.main(argv, launcher=launcher, checker=FakeCheck()) == 2
+  shutil.rmtree(tmp_path / "cache")
+  assert sweep.main(argv, launcher=launcher, checker=FakeCheck()) == 0
+  assert len(started) == 6 and all("--skip-preflight" in a for a in started)
 
 
 def test_summary_of_finished_failed_running_and_not_started_runs(tmp_path, capsys):
