@@ -114,7 +114,9 @@ def test_maskformer_on_v5e_reports_the_compilers_own_memory():
   config = load_config(MASKFORMER)
   r = tpu_compile.compile_step(config, slices.parse("v5e-4"), "train", config_name=MASKFORMER)
   check_data_parallel(r, config, "v5e-4")
-  assert r.largest_temporaries and all(size > 0 and "[" in shapes for size, shapes in r.largest_temporaries)
+  sizes = [size for size, _, _ in r.largest_temporaries]
+  assert sizes and sizes == sorted(sizes, reverse=True) and sizes[0] <= r.temp_bytes
+  assert all("[" in shape and op for _, shape, op in r.largest_temporaries), r.largest_temporaries
   assert r.per_device_bytes == pytest.approx(independent_memory(config, "v5e-4"), rel=0.02)
   assert "FITS" in tpu_compile.describe(r) and "all-reduce x" in tpu_compile.describe(r)
 
@@ -162,3 +164,37 @@ def test_what_fits_compiles_accumulation_remat_and_larger_slices(monkeypatch):
   assert "--config.model.remat=True" not in labels  # 2 + 20 = 22 GiB: compiled, does not fit
   assert labels[-1] == "--topology v5e-16" and all(r.fits for _, r in found)
   assert (1, True, "v5e-4") in calls  # remat was compiled
+
+
+def run_cli(*args):
+  import subprocess
+  import sys
+  return subprocess.run([sys.executable, "-m", "maskformer_jax.bench.tpu_compile", *args], capture_output=True,
+                        text=True, cwd=ROOT)
+
+
+def test_cli_refuses_bad_arguments_in_one_line_and_summarises_reports(tmp_path):
+  for args, message in ((["--config", "configs/demo.py", "--topology", "v3-8"], "error: --topology: TPU slice 'v3-8'"),
+                        (["--config", "configs/demo.py", "--topology", "v4-8", "--config.total_stepz=3"],
+                         'Did you mean "total_steps"'),
+                        (["--topology", "v4-8"], "--config is required"),
+                        (["--config", "configs/demo.py", "--topology", "v4-32"],
+                         "config.batch_size=8 (per micro-batch 8) is not divisible")):  # checked before compiling
+    r = run_cli(*args)
+    assert r.returncode != 0 and message in r.stderr.strip().splitlines()[-1] + r.stderr, r.stderr[-500:]
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+  row = {"step": "train", "config": "c.py", "slice": "v4-8", "global_batch": 64, "fits": False,
+         "settings": {"model.dtype": "float32", "grad_accum_steps": 1}, "per_device_bytes": 39 * 2 ** 30,
+         "hbm_bytes": int(30.75 * 2 ** 30), "flops_per_device": 3e13, "step_s_at_40pct": 0.27, "compile_s": 39,
+         "fits_with": [{"step": "train", "config": "c.py", "slice": "v4-8", "global_batch": 64, "fits": True,
+                        "setting": "--config.grad_accum_steps=2", "per_device_bytes": 29 * 2 ** 30,
+                        "settings": {"model.dtype": "float32", "grad_accum_steps": 2},
+                        "hbm_bytes": int(30.75 * 2 ** 30), "flops_per_device": None, "step_s_at_40pct": None,
+                        "compile_s": 600}]}
+  (tmp_path / "r.json").write_text(json.dumps(row))
+  r = run_cli("--table", str(tmp_path / "r.json"))
+  assert r.returncode == 0, r.stderr
+  lines = r.stdout.strip().splitlines()
+  assert lines[2] == "| c.py | v4-8 | 64 | model.dtype=float32 | 39.00 | 30.75 | **no** | 30.00 | 0.270 | 39 |"
+  assert lines[3].startswith("| c.py (--config.grad_accum_steps=2) | v4-8 | 64 | model.dtype=float32, "
+                             "grad_accum_steps=2 | 29.00 | 30.75 | yes | - | - | 600 |")

@@ -167,18 +167,30 @@ def _shape_bytes(dtype, dims):
 
 
 def largest_temporaries(dump_dir, n=8):
-  """[(bytes, shapes)] of the largest chunks of the temporary buffer, from XLA's memory-usage report."""
-  reports = [os.path.join(root, f) for root, _, files in os.walk(dump_dir) for f in files
-             if f.endswith("memory-usage-report.txt")]
-  if not reports:
+  """[(bytes, shape, op)] of the largest values in the program's temporary HBM buffer, from XLA's buffer
+  assignment (values that are never alive together share bytes there, so these do not add up to the
+  temporaries' total); `op` is the JAX operation that made each (its op_name)."""
+  def newest(suffix):
+    files = [os.path.join(root, f) for root, _, names in os.walk(dump_dir) for f in names if f.endswith(suffix)]
+    return max(files, key=os.path.getsize) if files else None
+
+  assignment, hlo = newest("after_optimizations-buffer-assignment.txt"), newest("after_optimizations.txt")
+  if not assignment:
     return []
-  rows = []
-  text = open(max(reports, key=os.path.getsize)).read()
-  hbm = text.split("Memory Space:")[1] if "Memory Space:" in text else text
-  for m in re.finditer(r"^\s*[\d.]+\w*\(\s*\d+%\);\s*([\d.]+)(\w+);\s*\d+;\s*\d+;\s*(.+)$", hbm, re.M):
-    rows.append((_gib_text(m.group(1), m.group(2)[:1] if m.group(2) != "B" else ""), m.group(3).strip()))
-  rows.sort(key=lambda r: -r[0])
-  return rows[:n]
+  op_names = {}
+  if hlo:
+    for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = .*?op_name=\"([^\"]*)\"", open(hlo).read(), re.M):
+      op_names[m.group(1)] = m.group(2)
+  values, in_temp = {}, False
+  for line in open(assignment):
+    if line.startswith("allocation "):  # HBM temporaries: "preallocated-temp" in the default memory space
+      in_temp = "preallocated-temp" in line and "color" not in line
+      continue
+    m = in_temp and re.match(r"\s*value: <\d+ ([\w.\-]+)\{[^}]*\} @\d+> \(size=(\d+),offset=\d+\): (.*)$", line)
+    if m and not m.group(3).startswith("(") and int(m.group(2)) > values.get(m.group(1), (0,))[0]:  # arrays
+      shape = re.sub(r"\{[^{}]*\}", "", re.sub(r"/\*.*?\*/", "", m.group(3)))[:100]
+      values[m.group(1)] = (int(m.group(2)), shape, op_names.get(m.group(1), m.group(1)))
+  return sorted(values.values(), key=lambda v: -v[0])[:n]
 
 
 @dataclasses.dataclass
@@ -366,7 +378,7 @@ def what_fits(config, slice_, report, *, config_name="", log=print, max_compiles
 
 
 def _fmt_bytes(n):
-  return f"{n / GIB:.2f} GiB"
+  return f"{n / GIB:.2f} GiB" if n >= 2 ** 28 else f"{n / 2 ** 20:.1f} MiB"
 
 
 def describe(report):
@@ -384,11 +396,11 @@ def describe(report):
     lines.append(f"    arguments {_fmt_bytes(r.argument_bytes)}, outputs {_fmt_bytes(r.output_bytes)} "
                  f"(donated {_fmt_bytes(r.alias_bytes)}), temporaries {_fmt_bytes(r.temp_bytes)}, code "
                  f"{_fmt_bytes(r.code_bytes)}")
-    for size, shapes in r.largest_temporaries[:5]:
-      lines.append(f"    temporary {_fmt_bytes(size)}: {shapes[:110]}")
-    lines.append(f"  compute: {r.flops_per_device / 1e12:.3f} TFLOP per device per step, "
-                 f"{r.flops_per_image / 1e9:.1f} GFLOP per image; at {UTILISATION:.0%} of the chip's "
-                 f"bfloat16 peak a step takes {r.step_s_at_40pct:.3f} s")
+    for size, shape, op in r.largest_temporaries[:5]:
+      lines.append(f"    temporary {_fmt_bytes(size)} {shape}: {op[-100:]}")
+    lines.append(f"  compute: {r.flops_per_device / 1e12:.4g} TFLOP per device per step (XLA's count: loop "
+                 f"bodies once), {r.flops_per_image / 1e9:.4g} GFLOP per image; at {UTILISATION:.0%} of the "
+                 f"chip's bfloat16 peak a step takes {1e3 * r.step_s_at_40pct:.4g} ms")
     coll = ", ".join(f"{k} x{v['count']} ({_fmt_bytes(v['bytes'])})" for k, v in sorted(r.collectives.items()))
     lines.append(f"  collectives: {coll or 'none'}; HLO {r.hlo_instructions} instructions")
   lines.append(f"  compiled in {r.compile_s:.1f} s")
@@ -422,14 +434,42 @@ def to_json(reports, fits_with):
   return rows[0] if len(rows) == 1 else rows
 
 
+def markdown_table(rows):
+  """A markdown table of train-step reports (tpu_compile's JSON rows): the one in docs/benchmarks.md."""
+  lines = ["| config | slice | global batch | settings | GiB per device | of HBM | fits | TFLOP/device/step "
+           f"| step s at {UTILISATION:.0%} of peak | compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items()
+                         if (k, v) not in (("model.remat", False), ("grad_accum_steps", 1), ("mesh.fsdp", False),
+                                           ("mesh.model", 1), ("loss.point_sampling", False)))
+    flops = r.get("flops_per_device")
+    step = r.get("step_s_at_40pct")
+    lines.append(f"| {r['config']} | {r['slice']} | {r['global_batch']} | {settings} | "
+                 f"{r['per_device_bytes'] / GIB:.2f} | {r['hbm_bytes'] / GIB:.2f} | {'yes' if r['fits'] else '**no**'} "
+                 f"| {'-' if flops is None else f'{flops / 1e12:.2f}'} | {'-' if step is None else f'{step:.3f}'} "
+                 f"| {r['compile_s']:.0f} |")
+  return "\n".join(lines)
+
+
 def main(argv):
   from absl import flags
-  del argv
   flags_ = flags.FLAGS
+  if _TABLE.value:  # summarise earlier --json reports instead of compiling
+    rows = []
+    for path in argv[1:]:
+      with open(path) as f:
+        data = json.load(f)
+      for r in data if isinstance(data, list) else [data]:
+        rows += [r] + [dict(x, config=f"{x['config']} ({x['setting']})") for x in r.get("fits_with", [])]
+    print(markdown_table([r for r in rows if r["step"] == "train"]))
+    return 0
   config = _CONFIG.value
   if _BATCH.value:
     config.batch_size = _BATCH.value
-  slice_ = slices_lib.parse(_TOPOLOGY.value, _NUM_SLICES.value)
+  try:
+    slice_ = slices_lib.parse(_TOPOLOGY.value, _NUM_SLICES.value)
+  except ValueError as e:
+    raise SystemExit(f"error: --topology: {e}") from None
   steps = tuple(_STEPS.value)
   bad = set(steps) - {"train", "eval"}
   if bad:
@@ -447,10 +487,27 @@ def main(argv):
   return 0 if all(r.fits for r in reports) else 1
 
 
+def _parse_flags(argv):
+  """--config and --topology are required unless --table (summarise JSON reports) is given."""
+  from absl import flags
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:  # an unknown flag, a value of the wrong type
+    raise SystemExit(f"error: {e}") from None
+  except (AttributeError, KeyError, TypeError, ValueError) as e:  # a --config.KEY that is not a key
+    text = re.sub(r"\\(['\"])", r"\1", str(e.args[0] if e.args else e)).replace("\\n", " ").replace("\n", " ")
+    raise SystemExit(f"error: a --config override does not fit the config: {text.strip(chr(39))}") from None
+  if not flags.FLAGS.table:
+    for name in ("config", "topology"):
+      if flags.FLAGS[name].value is None:
+        raise SystemExit(f"--{name} is required (e.g. --config configs/coco_panoptic.py --topology v5e-16)")
+  return rest
+
+
 def _define_flags():
   from absl import flags
   from ml_collections import config_flags
-  global _CONFIG, _TOPOLOGY, _BATCH, _NUM_SLICES, _STEPS, _JSON, _NO_SEARCH, _OPTIONS
+  global _CONFIG, _TOPOLOGY, _BATCH, _NUM_SLICES, _STEPS, _JSON, _NO_SEARCH, _OPTIONS, _TABLE
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/coco_panoptic.py "
                                             "or configs/mask2former.py:backbone=swin_l.")
   _TOPOLOGY = flags.DEFINE_string("topology", None, "v4-8, v4-32, v5e-16 (v5litepod-16), v5p-8, v6e-8, ... "
@@ -463,10 +520,11 @@ def _define_flags():
                                  "variants to find what would.")
   _OPTIONS = flags.DEFINE_integer("options", 3, "When the train step does not fit: stop after this many "
                                   "settings that fit (each found by compiling it).")
-  flags.mark_flags_as_required(["config", "topology"])
+  _TABLE = flags.DEFINE_bool("table", False, "Print the markdown table of the --json reports named as "
+                             "arguments (no compilation), e.g. --table runs/*.json.")
 
 
 if __name__ == "__main__":
   from absl import app
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
