@@ -171,6 +171,9 @@ class PreflightError(RuntimeError):
 
 
 def preflight_argv(config, overrides, accelerator, json_path, num_slices=1) -> list:
+  """The check, run here (in the checkout, so the config file is made absolute first)."""
+  path, sep, arg = config.rpartition(":") if config.rpartition(":")[0].endswith(".py") else (config, "", "")
+  config = os.path.abspath(path) + sep + arg
   return [sys.executable, "-m", "maskformer_jax.bench.tpu_compile", "--config", config, "--topology", accelerator,
           f"--num-slices={num_slices}", "--steps=train", "--options=1", f"--json={json_path}", *overrides]
 

@@ -123,6 +123,7 @@ def test_maskformer_on_v5e_reports_the_compilers_own_memory():
 
 def test_maskformer_on_megacore_v4_and_with_fsdp():
   config = load_config(MASKFORMER)
+  config.init.torchvision_resnet = "/on/the/workers/resnet.pth"  # not here: it changes no shape
   r = tpu_compile.compile_step(config, slices.parse("v4-8"), "train", config_name=MASKFORMER, dump=False)
   check_data_parallel(r, config, "v4-8")
   config.mesh.fsdp = True  # parameters and moments sharded: gathered for use, gradients reduce-scattered

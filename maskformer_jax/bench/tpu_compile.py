@@ -254,7 +254,10 @@ def compile_step(config, slice_, which="train", *, config_name="", dump=True):
   when it refuses for memory)."""
   devices = topology_devices(slice_)
   processes = len({d.process_index for d in devices})
-  config_lib.validate(config, num_devices=len(devices), num_processes=processes)
+  checked = config.copy_and_resolve_references()
+  for key in checked.init:  # weights to start from need not be on this machine (they change no shape)
+    checked.init[key] = ""
+  config_lib.validate(checked, num_devices=len(devices), num_processes=processes)
   mesh = sharding.make_mesh(config.mesh, devices)
   model = build_model(config.model)
   state, shardings = abstract_state(config, model, mesh)
