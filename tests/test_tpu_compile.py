@@ -197,5 +197,8 @@ def test_cli_refuses_bad_arguments_in_one_line_and_summarises_reports(tmp_path):
   assert r.returncode == 0, r.stderr
   lines = r.stdout.strip().splitlines()
   assert lines[2] == "| c.py | v4-8 | 64 | model.dtype=float32 | 39.00 | 30.75 | **no** | 30.00 | 0.270 | 39 |"
+  row["error"] = "RESOURCE_EXHAUSTED: ..."
+  (tmp_path / "r.json").write_text(json.dumps(row))
+  assert "| > 30.75 (refused at 39.00) |" in run_cli("--table", str(tmp_path / "r.json")).stdout
   assert lines[3].startswith("| c.py (--config.grad_accum_steps=2) | v4-8 | 64 | model.dtype=float32, "
                              "grad_accum_steps=2 | 29.00 | 30.75 | yes | - | - | 600 |")

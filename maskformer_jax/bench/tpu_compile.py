@@ -205,7 +205,8 @@ class StepReport:
   canvas: tuple
   settings: dict  # the config values that decide memory: dtype, remat, grad_accum_steps, mesh
   fits: bool
-  per_device_bytes: int  # arguments + outputs - donated aliases + temporaries + code
+  per_device_bytes: int  # arguments + outputs - donated aliases + temporaries + code (refused: what the
+  # compiler reported when it gave up, a lower bound)
   hbm_bytes: int
   compile_s: float
   argument_bytes: int = 0
@@ -392,9 +393,12 @@ def describe(report):
           f"{r.global_batch} at {r.canvas[0]}x{r.canvas[1]}; "
           + ", ".join(f"{k}={v}" for k, v in r.settings.items()))
   lines = [head]
-  verdict = "FITS" if r.fits else "DOES NOT FIT"
-  lines.append(f"  memory per device: {_fmt_bytes(r.per_device_bytes)} of {_fmt_bytes(r.hbm_bytes)} HBM: "
-               f"{verdict}" + (f" ({r.error})" if r.error else ""))
+  if r.error:  # refused: the compiler's figure when it gave up is a lower bound of the need
+    lines.append(f"  memory per device: more than the {_fmt_bytes(r.hbm_bytes)} of HBM: DOES NOT FIT (the "
+                 f"compiler refused: {r.error})")
+  else:
+    lines.append(f"  memory per device: {_fmt_bytes(r.per_device_bytes)} of {_fmt_bytes(r.hbm_bytes)} HBM: "
+                 f"{'FITS' if r.fits else 'DOES NOT FIT'}")
   if not r.error:
     lines.append(f"    arguments {_fmt_bytes(r.argument_bytes)}, outputs {_fmt_bytes(r.output_bytes)} "
                  f"(donated {_fmt_bytes(r.alias_bytes)}), temporaries {_fmt_bytes(r.temp_bytes)}, code "
@@ -447,8 +451,11 @@ def markdown_table(rows):
                                            ("mesh.model", 1), ("loss.point_sampling", False)))
     flops = r.get("flops_per_device")
     step = r.get("step_s_at_40pct")
+    need = f"{r['per_device_bytes'] / GIB:.2f}"
+    if r.get("error"):  # the compiler refused: what it reported when it gave up, a lower bound
+      need = f"> {r['hbm_bytes'] / GIB:.2f} (refused at {need})"
     lines.append(f"| {r['config']} | {r['slice']} | {r['global_batch']} | {settings} | "
-                 f"{r['per_device_bytes'] / GIB:.2f} | {r['hbm_bytes'] / GIB:.2f} | {'yes' if r['fits'] else '**no**'} "
+                 f"{need} | {r['hbm_bytes'] / GIB:.2f} | {'yes' if r['fits'] else '**no**'} "
                  f"| {'-' if flops is None else f'{flops / 1e12:.2f}'} | {'-' if step is None else f'{step:.3f}'} "
                  f"| {r['compile_s']:.0f} |")
   return "\n".join(lines)
