@@ -186,7 +186,7 @@ def largest_temporaries(dump_dir, n=8):
     if line.startswith("allocation "):  # HBM temporaries: "preallocated-temp" in the default memory space
       in_temp = "preallocated-temp" in line and "color" not in line
       continue
-    m = in_temp and re.match(r"\s*value: <\d+ ([\w.\-]+)\{[^}]*\} @\d+> \(size=(\d+),offset=\d+\): (.*)$", line)
+    m = in_temp and re.match(r"\s*value: <\d+ ([\w.\-]+)(?:\{[^}]*\})? @\d+> \(size=(\d+),offset=\d+\): (.*)$", line)
     if m and not m.group(3).startswith("(") and int(m.group(2)) > values.get(m.group(1), (0,))[0]:  # arrays
       shape = re.sub(r"\{[^{}]*\}", "", re.sub(r"/\*.*?\*/", "", m.group(3)))[:100]
       values[m.group(1)] = (int(m.group(2)), shape, op_names.get(m.group(1), m.group(1)))
