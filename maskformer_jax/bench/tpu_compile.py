@@ -2,8 +2,8 @@
 host (a laptop CPU will do: libtpu from PyPI compiles for slices it cannot run), and reports what each
 device needs.
 
-  python -m maskformer_jax.bench.tpu_compile --config configs/coco_panoptic.py --topology v5e-16 \
-      [--config.batch_size=64] [--batch 64] [--num-slices 2] [--steps train,eval] [--json out.json] \
+  python -m maskformer_jax.bench.tpu_compile --config configs/coco_panoptic.py --topology v4-8 \
+      [--config.grad_accum_steps=2] [--batch 64] [--num-slices 2] [--steps train,eval] [--json out.json] \
       [--no-search]
 
 --topology is a Cloud TPU accelerator type (v4-8, v4-32, v5e-16 = v5litepod-16, v5p-8, v6e-8) or a compiler
@@ -38,6 +38,7 @@ import math  # noqa: E402
 import re  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import sys  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -484,9 +485,11 @@ def main(argv):
   bad = set(steps) - {"train", "eval"}
   if bad:
     raise SystemExit(f"--steps {','.join(steps)}: each is train or eval")
+  overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]  # shown with the config in reports
+  config_name = " ".join([flags_["config"].serialize().partition("=")[2], *overrides])
   try:
     reports, fits_with = run(config, slice_, steps=steps, search=not _NO_SEARCH.value, options=_OPTIONS.value,
-                             config_name=flags_["config"].serialize().partition("=")[2])
+                             config_name=config_name)
   except NoTpuCompiler as e:
     raise SystemExit(f"error: {e}") from None
   except ValueError as e:  # config.validate: what to change
@@ -510,7 +513,7 @@ def _parse_flags(argv):
   if not flags.FLAGS.table:
     for name in ("config", "topology"):
       if flags.FLAGS[name].value is None:
-        raise SystemExit(f"--{name} is required (e.g. --config configs/coco_panoptic.py --topology v5e-16)")
+        raise SystemExit(f"--{name} is required (e.g. --config configs/coco_panoptic.py --topology v4-8)")
   return rest
 
 
