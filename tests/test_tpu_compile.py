@@ -140,6 +140,12 @@ def test_maskformer_on_v5e_reports_the_compilers_own_memory():
   sizes = [size for size, _, _ in r.largest_temporaries]
   assert sizes == sorted(sizes, reverse=True) and all(s <= r.temp_bytes for s in sizes)
   assert r.per_device_bytes == pytest.approx(independent_memory(config, "v5e-4"), rel=0.02)
+  # Twice the batch in two accumulated halves: the same work per image, though XLA counts the
+  # accumulation loop's body once.
+  config.batch_size, config.grad_accum_steps = 2 * config.batch_size, 2
+  a = tpu_compile.compile_step(config, slices.parse("v5e-4"), "train", config_name=MASKFORMER, dump=False)
+  assert a.flops_per_image == pytest.approx(r.flops_per_image, rel=0.05)
+  assert a.flops_per_device == pytest.approx(2 * r.flops_per_device, rel=0.05)
   assert "FITS" in tpu_compile.describe(r) and "all-reduce x" in tpu_compile.describe(r)
 
 

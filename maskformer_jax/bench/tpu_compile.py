@@ -296,7 +296,10 @@ def compile_step(config, slice_, which="train", *, config_name="", dump=True):
   report.fits = report.per_device_bytes <= report.hbm_bytes
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
-  report.flops_per_device = float(cost.get("flops", float("nan")))
+  # XLA counts a loop's body once: the gradient accumulation loop holds the whole forward and backward
+  # pass, so one step does grad_accum_steps times its count (the optimizer update, outside it, is small).
+  accum = int(config.grad_accum_steps) if which == "train" else 1
+  report.flops_per_device = float(cost.get("flops", float("nan"))) * accum
   report.flops_per_image = report.flops_per_device * len(devices) / batch_size
   text = compiled.as_text()
   report.hlo_instructions = sum(1 for line in text.splitlines() if " = " in line)
