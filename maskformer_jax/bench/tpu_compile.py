@@ -36,9 +36,9 @@ import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-import sys  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -403,7 +403,6 @@ def describe(report):
   else:
     lines.append(f"  memory per device: {_fmt_bytes(r.per_device_bytes)} of {_fmt_bytes(r.hbm_bytes)} HBM: "
                  f"{'FITS' if r.fits else 'DOES NOT FIT'}")
-  if not r.error:
     lines.append(f"    arguments {_fmt_bytes(r.argument_bytes)}, outputs {_fmt_bytes(r.output_bytes)} "
                  f"(donated {_fmt_bytes(r.alias_bytes)}), temporaries {_fmt_bytes(r.temp_bytes)}, code "
                  f"{_fmt_bytes(r.code_bytes)}")
